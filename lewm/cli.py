@@ -1,0 +1,59 @@
+"""The `lewm` command: subcommands only; each lives in its module and registers its own parser.
+
+Each module named in COMMANDS provides `add_parser(subparsers)`, which adds one subcommand and sets
+`func` (called with the parsed args, returns an exit code). Modules are imported lazily, only for the
+subcommand being run, so `lewm --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "train": ("lewm.train", "train a world model on HDF5 episodes"),
+    "collect": ("lewm.data.collect", "collect episodes from an environment into HDF5"),
+    "show": ("lewm.data.show", "write a GIF/MP4 of one episode of a data set"),
+    "eval": ("lewm.plan.evaluate", "plan with a checkpoint under the evaluation protocol"),
+    "probe": ("lewm.evals.probe", "linear/MLP probes from frozen embeddings to physical state"),
+    "surprise": ("lewm.evals.surprise", "violation-of-expectation surprise along trajectories"),
+    "collapse": ("lewm.collapse", "train with lambda=0 and lambda=0.09 and compare effective rank"),
+    "quickstart": ("lewm.quickstart", "collect, train and evaluate TwoRoom on this machine"),
+}
+
+
+class UserError(Exception):
+    """Raised for anything the user got wrong; printed as one line, exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="lewm", description="LeWorldModel engine")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    cmd = argv[0] if argv and not argv[0].startswith("-") else None
+    for name, (mod, help_) in COMMANDS.items():
+        if name == cmd:
+            importlib.import_module(mod).add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None) or not hasattr(args, "func"):
+        parser.print_help()
+        return 0 if not argv else 2
+    from .data.format import DataError
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, DataError, FileNotFoundError) as e:
+        print(f"lewm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lewm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

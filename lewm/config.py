@@ -1,0 +1,203 @@
+"""Configs are dataclasses; presets are data, not code paths.
+
+`Config` groups four parts: `model` (architecture), `sigreg` (the regulariser), `train` (optimiser and
+data) and `plan` (CEM and the evaluation protocol). Every default equals the reference system's value
+(shared/spec/reference.md); the named presets only change fields.
+
+    cfg = lewm.preset("pusht")                 # the reference's full size
+    cfg = lewm.preset("tiny", train={"steps": 200})
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    # encoder: timm ViT; CLS token after the final LayerNorm, then the BatchNorm projector
+    image_size: int = 224
+    patch_size: int = 14
+    enc_width: int = 192
+    enc_depth: int = 12
+    enc_heads: int = 3
+    enc_mlp_ratio: float = 4.0
+    enc_ln_eps: float = 1e-12  # HF ViT's LayerNorm eps (the reference's backbone)
+    embed_dim: int = 192  # latent z
+    proj_hidden: int = 2048  # projector and pred_proj: D -> proj_hidden (BN, GELU) -> D
+    # action encoder: Conv1d(frameskip*action_dim -> smoothed_dim, k=1) -> Linear(., action_hidden) -> SiLU -> Linear(., D)
+    action_dim: int = 2
+    frameskip: int = 5
+    smoothed_dim: int = 10
+    action_hidden: int = 768
+    # predictor: AdaLN-zero causal transformer over frames
+    history: int = 3  # frames in the predictor's window (num_frames of the positional embedding)
+    pred_depth: int = 6
+    pred_heads: int = 16
+    pred_dim_head: int = 64
+    pred_mlp: int = 2048
+    pred_dropout: float = 0.1
+
+    @property
+    def action_input_dim(self) -> int:
+        """Width of one macro action: `frameskip` raw actions concatenated."""
+        return self.frameskip * self.action_dim
+
+
+@dataclass
+class SIGRegConfig:
+    weight: float = 0.09  # lambda; the paper says 0.1, the code uses 0.09
+    num_proj: int = 1024  # M random unit directions, drawn fresh every step
+    knots: int = 17  # K quadrature knots on [0, t_max]
+    t_max: float = 3.0
+    impl: str = "auto"  # "eager" (reference), "triton" (fused kernel), "auto": triton on CUDA else eager
+
+
+@dataclass
+class TrainConfig:
+    num_frames: int = 4  # clip length: history + 1 target frame
+    batch_size: int = 128
+    lr: float = 5e-5
+    weight_decay: float = 1e-3
+    warmup_frac: float = 0.01
+    grad_clip: float = 1.0
+    epochs: int = 10
+    steps: int = 0  # > 0 overrides epochs
+    seed: int = 3072
+    val_frac: float = 0.1
+    workers: int = 2
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep: int = 3
+    amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    cache: str = "auto"  # "ram": decode all pixels once; "none": read from HDF5 per batch; "auto": ram if it fits
+
+
+@dataclass
+class PlanConfig:
+    samples: int = 300
+    elites: int = 30
+    iterations: int = 30
+    horizon: int = 5  # macro steps
+    receding_horizon: int = 5
+    var_scale: float = 1.0
+    seed: int = 42
+    # evaluation protocol
+    episodes: int = 50
+    goal_offset: int = 25
+    budget: int = 50
+
+
+@dataclass
+class Config:
+    name: str = "pusht"
+    env: str = "pusht"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sigreg: SIGRegConfig = field(default_factory=SIGRegConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return _merge(cls(), d, path="config")
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with nested overrides: cfg.replace(model={"image_size": 64}, name="x")."""
+        return _merge(copy.deepcopy(self), overrides, path="config")
+
+
+_SECTIONS = {"model": ModelConfig, "sigreg": SIGRegConfig, "train": TrainConfig, "plan": PlanConfig}
+
+
+def _merge(obj, d: dict, path: str):
+    names = {f.name: f for f in fields(obj)}
+    for k, v in d.items():
+        if k not in names:
+            raise ValueError(f"unknown config field '{path}.{k}' (known: {', '.join(sorted(names))})")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if dataclasses.is_dataclass(v):
+                v = asdict(v)
+            if not isinstance(v, dict):
+                raise ValueError(f"config field '{path}.{k}' expects a mapping, got {type(v).__name__}")
+            _merge(cur, v, f"{path}.{k}")
+        else:
+            if isinstance(cur, bool) and not isinstance(v, bool):
+                raise ValueError(f"config field '{path}.{k}' expects a bool, got {v!r}")
+            if isinstance(cur, (int, float)) and not isinstance(cur, bool):
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise ValueError(f"config field '{path}.{k}' expects a number, got {v!r}")
+                if isinstance(cur, int) and isinstance(v, float):
+                    if not v.is_integer():
+                        raise ValueError(f"config field '{path}.{k}' expects an integer, got {v!r}")
+                    v = int(v)
+                elif isinstance(cur, float):
+                    v = float(v)
+            setattr(obj, k, v)
+    return obj
+
+
+# -- presets -------------------------------------------------------------------------------------
+# Each preset is a dict of overrides on the reference defaults. Full-size presets keep the
+# reference architecture; they differ in env, action_dim and CEM iterations.
+_PRESETS: dict[str, dict] = {
+    # The reference's full size: ViT-tiny/14 at 224 px, 6-layer predictor, CEM 300 x 30 x 30.
+    "pusht": {"env": "pusht", "model": {"action_dim": 2}, "plan": {"iterations": 30}},
+    # The paper used 10 CEM iterations outside PushT (reference.md section 7, issue #41).
+    "tworoom": {"env": "tworoom", "model": {"action_dim": 2}, "plan": {"iterations": 10}},
+    "cube": {"env": "cube", "model": {"action_dim": 5}, "plan": {"iterations": 10}},
+    "reacher": {"env": "reacher", "model": {"action_dim": 2}, "plan": {"iterations": 10}},
+    # Small presets for the CPU: same code, smaller numbers.
+    "tiny": {
+        "env": "tworoom",
+        "model": {
+            "image_size": 32, "patch_size": 8, "enc_width": 32, "enc_depth": 2, "enc_heads": 2,
+            "embed_dim": 32, "proj_hidden": 64, "action_hidden": 64,
+            "pred_depth": 2, "pred_heads": 2, "pred_dim_head": 16, "pred_mlp": 64,
+        },
+        "sigreg": {"num_proj": 64},
+        "train": {"batch_size": 16, "lr": 2e-3, "workers": 0, "log_every": 5, "ckpt_every": 50},
+        "plan": {"samples": 64, "elites": 8, "iterations": 5},
+    },
+    # The CPU quickstart: TwoRoom at 64 px, small enough to train in minutes on 2 cores.
+    "tworoom-cpu": {
+        "env": "tworoom",
+        "model": {
+            "image_size": 64, "patch_size": 8, "enc_width": 96, "enc_depth": 4, "enc_heads": 3,
+            "embed_dim": 64, "proj_hidden": 512, "action_hidden": 256,
+            "pred_depth": 3, "pred_heads": 4, "pred_dim_head": 32, "pred_mlp": 512,
+        },
+        "sigreg": {"num_proj": 256},
+        "train": {"batch_size": 64, "lr": 1e-3, "weight_decay": 1e-3, "workers": 0, "log_every": 20,
+                  "ckpt_every": 500},
+        "plan": {"samples": 300, "elites": 30, "iterations": 10},
+    },
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def preset(name: str = "pusht", **overrides: Any) -> Config:
+    """A named config. `preset("pusht")` is the reference's full size.
+
+    Keyword overrides are merged into the sections: preset("tiny", train={"steps": 10}).
+    """
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset '{name}' (known: {', '.join(preset_names())})")
+    cfg = Config(name=name)
+    cfg = _merge(cfg, copy.deepcopy(_PRESETS[name]), path=f"preset[{name}]")
+    if overrides:
+        cfg = _merge(cfg, overrides, path="config")
+    return cfg

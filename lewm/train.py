@@ -1,0 +1,577 @@
+"""Training: `lewm train` in one process or under `torchrun` (DDP).
+
+One step: clips (B, 4 frames) -> encode all frames -> predict frames 1..3 from frames 0..2 and their
+actions -> loss = MSE(pred, next embeddings) + lambda * SIGReg(all frames' embeddings). AdamW,
+1% linear warm-up then cosine to 0, gradient clipping at 1.0, bf16 autocast on CUDA.
+
+Speed paths (the eager step stays the reference):
+  --compile      torch.compile of the loss (forward + backward through AOTAutograd); CPU or CUDA
+  --cuda-graphs  the whole static-shape step (forward, backward, clipping, AdamW) captured once in a
+                 CUDA graph and replayed; combined with --compile the compiled code is captured
+
+Everything needed to continue exactly is in each checkpoint: weights, AdamW state, step and RNG
+states. The data order and the SIGReg directions are pure functions of (seed, step), so a resumed
+run sees the same batches and directions as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cli import UserError
+from .config import Config, preset, preset_names
+from .data.dataset import BatchSampler, ClipDataset, make_loader, split_episodes, steps_per_epoch
+from .model import LeWM
+from .sigreg import effective_rank
+
+CKPT_DIR = "checkpoints"
+OPTIM = "optim.safetensors"
+STATE = "state.json"
+
+
+# -- NVTX ranges (no-ops without CUDA; the `nvtx` package is optional) ------------------------------
+def nvtx_range(name: str):
+    if torch.cuda.is_available():
+        return torch.cuda.nvtx.range(name)
+    return contextlib.nullcontext()
+
+
+# -- the schedule ------------------------------------------------------------------------------------
+def lr_at(step: int, total: int, base_lr: float, warmup_frac: float) -> float:
+    """Linear warm-up from 0 over `warmup_frac` of the steps, then cosine to 0 at `total`."""
+    warm = max(1, int(round(warmup_frac * total)))
+    if step < warm:
+        return base_lr * step / warm
+    p = min(1.0, (step - warm) / max(1, total - warm))
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+# -- distributed -------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _optim_to_flat(opt: torch.optim.Optimizer, model: torch.nn.Module) -> tuple[dict, dict]:
+    """AdamW state as flat safetensors (tensors) + JSON (everything else). Keys by parameter name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, meta = {}, {"param_groups": []}
+    for g in opt.param_groups:
+        meta["param_groups"].append({k: (float(v) if torch.is_tensor(v) else v)
+                                     for k, v in g.items() if k != "params"})
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            key = f"{names[id(p)]}::{k}"
+            if torch.is_tensor(v):
+                tensors[key] = v.detach().contiguous().cpu()
+            else:
+                meta.setdefault("scalars", {})[key] = v
+    return tensors, meta
+
+
+def _optim_from_flat(opt: torch.optim.Optimizer, model: torch.nn.Module, tensors: dict, meta: dict) -> None:
+    params = dict(model.named_parameters())
+    for key, v in tensors.items():
+        name, k = key.split("::")
+        p = params[name]
+        st = opt.state[p]
+        if k in st and torch.is_tensor(st[k]):
+            st[k].copy_(v.to(st[k].device))
+        else:
+            # AdamW keeps `step` on the CPU unless capturable (CUDA graphs), the moments beside the param
+            st[k] = v.to("cpu") if k == "step" and not _capturable(opt) else v.to(p.device)
+    for key, v in meta.get("scalars", {}).items():
+        name, k = key.split("::")
+        opt.state[params[name]][k] = v
+
+
+def _capturable(opt) -> bool:
+    return any(g.get("capturable", False) for g in opt.param_groups)
+
+
+def save_checkpoint(out: Path, model: LeWM, opt, step: int, keep: int, extra: dict) -> Path:
+    """out/checkpoints/step_XXXXXXXX/ with model.safetensors, config.json, optim.safetensors and
+    state.json; written to a temporary folder and renamed, then `latest` is updated atomically and
+    all but the newest `keep` checkpoints are removed."""
+    from safetensors.torch import save_file
+
+    root = out / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp_parent = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=root))
+    try:
+        model.save(tmp_parent / "ckpt", extra=extra)
+        tensors, meta = _optim_to_flat(opt, model)
+        save_file(tensors, str(tmp_parent / "ckpt" / OPTIM))
+        rng = _rng_state()
+        rng_t = {"torch": rng["torch"]}
+        for i, s in enumerate(rng.get("cuda", [])):
+            rng_t[f"cuda{i}"] = s
+        save_file(rng_t, str(tmp_parent / "ckpt" / "rng.safetensors"))
+        np_state = rng["numpy"]
+        state = {"step": step, "optim": meta,
+                 "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                               float(np_state[4])],
+                 "python_rng": [rng["python"][0], list(rng["python"][1]), rng["python"][2]]}
+        (tmp_parent / "ckpt" / STATE).write_text(json.dumps(state))
+        for f in (tmp_parent / "ckpt").iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp_parent / "ckpt", final)
+    finally:
+        shutil.rmtree(tmp_parent, ignore_errors=True)
+    latest_tmp = root / f".latest.tmp-{os.getpid()}"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, root / "latest")
+    ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_latest(out: Path) -> Path | None:
+    root = out / CKPT_DIR
+    if not root.exists():
+        return None
+    ptr = root / "latest"
+    if ptr.exists():
+        cand = root / ptr.read_text().strip()
+        if (cand / STATE).exists():
+            return cand
+    ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE).exists())
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: Path, model: LeWM, opt, device) -> int:
+    from safetensors.torch import load_file
+
+    for f in ("model.safetensors", "config.json", OPTIM, STATE):
+        if not (path / f).exists():
+            raise UserError(f"checkpoint {path} is incomplete: no {f}")
+    state = json.loads((path / STATE).read_text())
+    sd = load_file(str(path / "model.safetensors"), device=str(device))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {path} does not match the model config: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    _optim_from_flat(opt, model, load_file(str(path / OPTIM)), state["optim"])
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    n = state["numpy_rng"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = state["python_rng"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    return int(state["step"])
+
+
+# -- the step ----------------------------------------------------------------------------------------
+class Trainer:
+    """Owns the model, optimiser, data and the step function for one run."""
+
+    def __init__(self, cfg: Config, data: str | os.PathLike, out: str | os.PathLike, device: str = "auto",
+                 compile: bool = False, cuda_graphs: bool = False, resume: bool | str = False,
+                 progress: bool = True, log=print):
+        self.cfg, self.out, self.log = cfg, Path(out), log
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if cuda_graphs and not (device.startswith("cuda") and torch.cuda.is_available()):
+            raise UserError("--cuda-graphs needs a CUDA device (none is available here); "
+                            "drop the flag, or use --compile on the CPU")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine")
+        self.dist = init_distributed(device)
+        if device.startswith("cuda") and self.dist.world > 1:
+            device = f"cuda:{self.dist.local_rank}"
+            torch.cuda.set_device(device)
+        self.device = torch.device(device)
+        self.compile, self.cuda_graphs, self.progress = compile, cuda_graphs, progress and self.dist.main
+        tc, mc = cfg.train, cfg.model
+        if tc.batch_size < 2:
+            raise UserError("--batch-size must be >= 2 (BatchNorm and SIGReg need a batch)")
+
+        # data: episodes split once, with the training seed, into train and held-out
+        from .data.format import inspect
+        info = inspect(data)
+        train_eps, val_eps = split_episodes(info.num_episodes, tc.val_frac, tc.seed)
+        self.data_path = Path(data)
+        self.train_ds = ClipDataset(data, tc.num_frames, mc.frameskip, train_eps, cache=tc.cache,
+                                    image_size=mc.image_size, action_dim=mc.action_dim, progress=self.progress)
+        self.val_ds = None
+        if len(val_eps):
+            try:
+                self.val_ds = ClipDataset(data, tc.num_frames, mc.frameskip, val_eps, cache=tc.cache,
+                                          image_size=mc.image_size, action_dim=mc.action_dim)
+            except Exception:
+                self.val_ds = None  # held-out episodes too short for a clip: no validation loss
+        if tc.num_frames - 1 > mc.history:
+            raise UserError(f"train.num_frames - 1 ({tc.num_frames - 1}) context frames exceed "
+                            f"model.history ({mc.history})")
+        spe = steps_per_epoch(len(self.train_ds), tc.batch_size, self.dist.world)
+        if spe == 0:
+            raise UserError(f"{data}: {len(self.train_ds)} training clips is fewer than one batch of "
+                            f"{tc.batch_size * self.dist.world}; lower --batch-size or collect more episodes")
+        self.total_steps = tc.steps if tc.steps > 0 else tc.epochs * spe
+        self.steps_per_epoch = spe
+
+        torch.manual_seed(tc.seed)
+        np.random.seed(tc.seed % 2**32)
+        random.seed(tc.seed)
+        self.model = LeWM(cfg)
+        self.model.set_action_stats(self.train_ds.action_mean, self.train_ds.action_std)
+        self.model.to(self.device).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                     **({"capturable": True} if cuda_graphs else {}))
+        self.step = 0
+        latest = find_latest(self.out)
+        if resume:
+            ck = Path(resume) if isinstance(resume, str) else latest
+            if ck is None:
+                raise UserError(f"--resume: no checkpoint under {self.out / CKPT_DIR}")
+            self.step = load_checkpoint(ck, self.model, self.opt, self.device)
+            self.log(f"resumed from {ck} at step {self.step}")
+        elif latest is not None:
+            raise UserError(f"--out {self.out} already holds checkpoints ({latest.name}); pass --resume to "
+                            "continue that run or choose another --out")
+        self.amp = tc.amp and self.device.type == "cuda"
+        self.ddp = None
+        fwd = self.model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.ddp = fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(fwd) if compile else fwd
+        self.graph = None
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    # one optimisation step on a batch; returns the loss dict (device tensors, no host sync)
+    def _step_eager(self, pixels, actions, directions, lr):
+        for g in self.opt.param_groups:
+            if torch.is_tensor(g["lr"]):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+        with nvtx_range("forward"), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.forward(pixels=pixels, actions=actions, directions=directions)
+        with nvtx_range("backward"):
+            out["loss"].backward()
+        with nvtx_range("optimizer"):
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=not self.cuda_graphs)
+        return {"loss": out["loss"].detach(), "pred_loss": out["pred_loss"].detach(),
+                "sigreg": out["sigreg"].detach(), "grad_norm": gn.detach(), "emb": out["emb"].detach()}
+
+    def _capture(self, pixels, actions, directions):
+        """Capture the whole step in a CUDA graph. The warm-up steps needed before capture change
+        the weights and AdamW state, so both are restored afterwards: the first replayed step is the
+        same step the eager path would take."""
+        for g in self.opt.param_groups:
+            g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
+        self.static = {"pixels": pixels.clone(), "actions": actions.clone(), "directions": directions.clone(),
+                       "lr": torch.zeros((), device=self.device)}
+        snap = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        opt_snap = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in self.opt.state.items()}
+        rng = torch.cuda.get_rng_state()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                self._graph_body()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = self._graph_body()
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(snap[k])
+            for p, st in self.opt.state.items():
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        v.copy_(opt_snap[p][k]) if p in opt_snap and k in opt_snap[p] else v.zero_()
+        torch.cuda.set_rng_state(rng)
+
+    def _graph_body(self):
+        st = self.static
+        for g in self.opt.param_groups:
+            g["lr"].copy_(st["lr"])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            out = self.forward(pixels=st["pixels"], actions=st["actions"], directions=st["directions"])
+        out["loss"].backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip, foreach=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=False)
+        return {"loss": out["loss"].detach(), "pred_loss": out["pred_loss"].detach(),
+                "sigreg": out["sigreg"].detach(), "grad_norm": gn.detach(), "emb": out["emb"].detach()}
+
+    def train_step(self, pixels, actions) -> dict:
+        tc = self.cfg.train
+        with nvtx_range("data_to_device"):
+            pixels = pixels.to(self.device, non_blocking=True)
+            actions = actions.to(self.device, non_blocking=True)
+        directions = self.model.sigreg.directions(self.step, self.device)
+        lr = lr_at(self.step, self.total_steps, tc.lr, tc.warmup_frac)
+        if self.cuda_graphs:
+            if self.graph is None:
+                self._capture(pixels, actions, directions)
+            with nvtx_range("graph_replay"):
+                self.static["pixels"].copy_(pixels)
+                self.static["actions"].copy_(actions)
+                self.static["directions"].copy_(directions)
+                self.static["lr"].fill_(lr)
+                self.graph.replay()
+            out = self.static_out
+        else:
+            out = self._step_eager(pixels, actions, directions, lr)
+        self._bad |= ~torch.isfinite(out["loss"])
+        self.step += 1
+        return out
+
+    def check_finite(self, where: str) -> None:
+        if bool(self._bad):  # host sync: only at log and checkpoint times
+            last = find_latest(self.out)
+            raise UserError(f"loss became NaN or inf by step {self.step} ({where}); stopped. Last good "
+                            f"checkpoint: {last if last else 'none written yet'}. Lower --lr or check the data.")
+
+    @torch.no_grad()
+    def validate(self, max_batches: int = 8) -> float | None:
+        if self.val_ds is None or len(self.val_ds) < 2:
+            return None
+        self.model.eval()
+        bs = min(self.cfg.train.batch_size, len(self.val_ds))
+        rng = np.random.default_rng(0)
+        losses = []
+        for _ in range(max_batches):
+            idx = rng.choice(len(self.val_ds), size=bs, replace=False)
+            px, act = self.val_ds.batch(idx)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                out = self.model.loss(pixels=px.to(self.device), actions=act.to(self.device), step=0)
+            losses.append(float(out["pred_loss"]))
+        self.model.train()
+        return float(np.mean(losses))
+
+    def save(self) -> Path | None:
+        if not self.dist.main:
+            return None
+        self.check_finite("before checkpoint")
+        return save_checkpoint(self.out, self.model, self.opt, self.step, self.cfg.train.keep,
+                               extra={"data": str(self.data_path), "step": self.step,
+                                      "total_steps": self.total_steps})
+
+    def run(self) -> dict:
+        tc = self.cfg.train
+        out = self.out
+        if self.dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(self.cfg.to_json())
+        sampler = BatchSampler(len(self.train_ds), tc.batch_size, tc.seed, self.step, self.total_steps,
+                               self.dist.rank, self.dist.world)
+        loader = make_loader(self.train_ds, sampler, tc.workers)
+        metrics_f = open(out / "metrics.jsonl", "a") if self.dist.main else None
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        t_last, n_last = time.perf_counter(), 0
+        history = []
+        last = {}
+        try:
+            for pixels, actions in loader:
+                o = self.train_step(pixels, actions)
+                n_last += pixels.shape[0] * self.dist.world
+                at_log = self.step % tc.log_every == 0 or self.step == self.total_steps
+                if at_log:
+                    self.check_finite("training")
+                    now = time.perf_counter()
+                    emb = o["emb"].float().reshape(-1, o["emb"].shape[-1])
+                    rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                           "loss": float(o["loss"]), "pred_loss": float(o["pred_loss"]),
+                           "sigreg": float(o["sigreg"]), "grad_norm": float(o["grad_norm"]),
+                           "lr": lr_at(self.step - 1, self.total_steps, tc.lr, tc.warmup_frac),
+                           "samples_per_s": n_last / max(now - t_last, 1e-9),
+                           "emb_std_mean": float(emb.std(0).mean()), "emb_std_min": float(emb.std(0).min()),
+                           "eff_rank": effective_rank(emb), "time": time.time()}
+                    t_last, n_last = now, 0
+                    last = rec
+                    history.append(rec)
+                    if metrics_f:
+                        metrics_f.write(json.dumps(rec) + "\n")
+                        metrics_f.flush()
+                    if bar:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", pred=f"{rec['pred_loss']:.4f}",
+                                        sigreg=f"{rec['sigreg']:.3f}", rank=f"{rec['eff_rank']:.1f}",
+                                        sps=f"{rec['samples_per_s']:.0f}")
+                if bar:
+                    bar.update(1)
+                if self.step % tc.ckpt_every == 0 or self.step == self.total_steps:
+                    val = self.validate()
+                    if val is not None and metrics_f:
+                        metrics_f.write(json.dumps({"step": self.step, "val_pred_loss": val}) + "\n")
+                        metrics_f.flush()
+                        last["val_pred_loss"] = val
+                    self.save()
+        finally:
+            if bar:
+                bar.close()
+            if metrics_f:
+                metrics_f.close()
+        if self.dist.main:
+            plot_curves(out / "metrics.jsonl", out / "curves.png")
+        return last
+
+
+def plot_curves(metrics: Path, png: Path) -> Path | None:
+    """A PNG of loss, prediction loss, SIGReg and effective rank over steps."""
+    recs = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    tr = [r for r in recs if "loss" in r]
+    va = [r for r in recs if "val_pred_loss" in r]
+    if not tr:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = [r["step"] for r in tr]
+    fig, ax = plt.subplots(1, 4, figsize=(16, 3.5))
+    ax[0].plot(s, [r["loss"] for r in tr]); ax[0].set_title("loss")
+    ax[1].plot(s, [r["pred_loss"] for r in tr], label="train")
+    if va:
+        ax[1].plot([r["step"] for r in va], [r["val_pred_loss"] for r in va], "o-", label="held-out")
+    ax[1].set_title("prediction loss"); ax[1].set_yscale("log"); ax[1].legend()
+    ax[2].plot(s, [r["sigreg"] for r in tr]); ax[2].set_title("SIGReg"); ax[2].set_yscale("log")
+    ax[3].plot(s, [r["eff_rank"] for r in tr]); ax[3].set_title("effective rank of z")
+    for a in ax:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+# -- the command ------------------------------------------------------------------------------------
+def config_from_args(args) -> Config:
+    """Preset + the flags given (each flag maps to one config field)."""
+    cfg = preset(args.preset)
+    o: dict = {"model": {}, "train": {}, "sigreg": {}}
+    for flag, (sec, fld) in FLAG_FIELDS.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            o[sec][fld] = v
+    if getattr(args, "no_amp", False):
+        o["train"]["amp"] = False
+    return cfg.replace(**{k: v for k, v in o.items() if v})
+
+
+FLAG_FIELDS = {
+    "steps": ("train", "steps"), "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
+    "lr": ("train", "lr"), "weight_decay": ("train", "weight_decay"), "seed": ("train", "seed"),
+    "workers": ("train", "workers"), "cache": ("train", "cache"), "log_every": ("train", "log_every"),
+    "ckpt_every": ("train", "ckpt_every"), "keep": ("train", "keep"), "val_frac": ("train", "val_frac"),
+    "grad_clip": ("train", "grad_clip"),
+    "sigreg_weight": ("sigreg", "weight"), "num_proj": ("sigreg", "num_proj"), "sigreg_impl": ("sigreg", "impl"),
+    "image_size": ("model", "image_size"), "history": ("model", "history"),
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a world model on HDF5 episodes",
+                       description="Train LeWM on HDF5 episodes (reference layout). "
+                                   "Multi-GPU: torchrun --nproc_per_node N -m lewm.cli train ...")
+    p.add_argument("--data", required=True, help="HDF5 file of episodes (lewm collect writes one)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, curves.png")
+    p.add_argument("--preset", default="pusht", choices=preset_names(), help="model/training preset")
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--lambda", dest="sigreg_weight", type=float, help="SIGReg weight (0.09)")
+    p.add_argument("--num-proj", type=int, help="SIGReg directions M (1024)")
+    p.add_argument("--sigreg-impl", choices=["eager", "triton", "auto"])
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--history", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="DataLoader processes when pixels are not cached in RAM")
+    p.add_argument("--cache", choices=["ram", "none", "auto"])
+    p.add_argument("--val-frac", type=float)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--keep", type=int, help="checkpoints kept")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture the whole step in a CUDA graph (CUDA only)")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue from the latest checkpoint in --out (or from the given checkpoint folder)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    for flag in ("steps", "epochs", "batch_size", "log_every", "ckpt_every", "num_proj", "image_size", "history"):
+        v = getattr(args, flag, None)
+        if v is not None and v <= 0 and not (flag == "steps" and v == 0):
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    if args.lr is not None and not (args.lr > 0):
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    cfg = config_from_args(args)
+    tr = Trainer(cfg, args.data, args.out, device=args.device, compile=args.compile,
+                 cuda_graphs=args.cuda_graphs, resume=args.resume, progress=not args.no_progress)
+    if tr.dist.main:
+        pc = tr.model.param_counts()
+        print(f"lewm train: {cfg.name} preset, {pc['total'] / 1e6:.2f}M params, {len(tr.train_ds)} clips, "
+              f"{tr.total_steps} steps of batch {cfg.train.batch_size * tr.dist.world} on {tr.device}"
+              f"{' x' + str(tr.dist.world) if tr.dist.world > 1 else ''}"
+              f"{' +compile' if args.compile else ''}{' +cuda-graphs' if args.cuda_graphs else ''}", flush=True)
+    last = tr.run()
+    if tr.dist.main:
+        print(json.dumps({k: v for k, v in last.items() if k != "time"}), flush=True)
+        print(f"lewm train: checkpoint {find_latest(Path(args.out))}", flush=True)
+    if tr.dist.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
