@@ -61,10 +61,17 @@ def ecf_sums(z: torch.Tensor, directions: torch.Tensor, t: torch.Tensor):
     """Reference: per-(T, M, K) sums over the batch of cos(t_k h) and sin(t_k h), h = z @ A.
 
     z (T, B, D), directions (D, M), t (K,) -> cos_sum, sin_sum (T, M, K) in float32.
-    Materialises (T, B, M, K): fine as an oracle, wasteful at scale (see lewm_kernels.sigreg)."""
-    h = torch.matmul(z.float(), directions.float())  # (T, B, M)
-    x = h.unsqueeze(-1) * t  # (T, B, M, K)
+    Materialises (T, B, M, K): fine as an oracle, wasteful at scale (see lewm_kernels.sigreg).
+    Float64 inputs are computed in float64, everything else in float32."""
+    dt = _acc_dtype(z)
+    h = torch.matmul(z.to(dt), directions.to(dt))  # (T, B, M)
+    x = h.unsqueeze(-1) * t.to(dt)  # (T, B, M, K)
     return torch.cos(x).sum(dim=1), torch.sin(x).sum(dim=1)
+
+
+def _acc_dtype(z: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (for gradcheck); everything else accumulates in float32."""
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
 def statistic_from_sums(cos_sum: torch.Tensor, sin_sum: torch.Tensor, n: int | torch.Tensor,
@@ -106,7 +113,8 @@ def _distributed() -> bool:
 
 def sigreg_tbd(z: torch.Tensor, directions: torch.Tensor, knots: int = 17, t_max: float = 3.0,
                impl: str = "eager", distributed: bool | None = None) -> torch.Tensor:
-    """SIGReg of (T, B, D) embeddings on fixed (D, M) directions. Returns a float32 scalar.
+    """SIGReg of (T, B, D) embeddings on fixed (D, M) directions. Returns a float32 scalar
+    (float64 for float64 inputs).
 
     impl: "eager" (this file's reference), "triton" (the fused kernel), "auto" (triton on CUDA).
     distributed: all-reduce the sums over the process group (default: when one is initialised)."""
@@ -123,7 +131,7 @@ def sigreg_tbd(z: torch.Tensor, directions: torch.Tensor, knots: int = 17, t_max
 
 def _sigreg_tbd(z, directions, knots, t_max, impl, distributed):
     T, B, D = z.shape
-    t, w, phi = knots_and_weights(knots, t_max, device=z.device)
+    t, w, phi = knots_and_weights(knots, t_max, device=z.device, dtype=_acc_dtype(z))
     if impl == "auto":
         impl = "triton" if z.is_cuda else "eager"
     if impl == "triton":
@@ -184,13 +192,18 @@ class SIGReg(nn.Module):
         return f"dim={self.dim}, num_proj={self.num_proj}, knots={self.knots}, t_max={self.t_max}, impl={self.impl}"
 
 
-def effective_rank(z: torch.Tensor) -> float:
-    """exp(entropy of the normalised singular values) of centred (N, D) embeddings: D for an
-    isotropic cloud, 1 for a collapsed line (Roy & Vetterli 2007)."""
+def effective_rank(z: torch.Tensor, floor: float = 1e-2) -> float:
+    """exp(entropy of the normalised singular values) of centred (N, D) embeddings (Roy & Vetterli
+    2007): D for an isotropic cloud, 1 for a line.
+
+    The entropy form is scale-invariant, so a collapsed embedding (every z nearly the same point)
+    would report the rank of its numerical noise. Principal directions whose standard deviation is
+    below `floor` (SIGReg's target scale is 1) therefore count as empty: a point collapse has rank 0."""
     z = z.reshape(-1, z.shape[-1]).double()
     z = z - z.mean(0, keepdim=True)
     s = torch.linalg.svdvals(z)
-    if float(s.sum()) <= 0:
+    s = s[s / math.sqrt(max(1, z.shape[0] - 1)) >= floor]
+    if s.numel() == 0 or float(s.sum()) <= 0:
         return 0.0
     p = s / s.sum()
     p = p[p > 0]

@@ -399,13 +399,15 @@ class Trainer:
                                extra={"data": str(self.data_path), "step": self.step,
                                       "total_steps": self.total_steps})
 
-    def run(self) -> dict:
+    def run(self, until: int | None = None) -> dict:
+        """Train to the planned total (or stop early at step `until`, with a checkpoint there)."""
         tc = self.cfg.train
+        stop = self.total_steps if until is None else min(until, self.total_steps)
         out = self.out
         if self.dist.main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(self.cfg.to_json())
-        sampler = BatchSampler(len(self.train_ds), tc.batch_size, tc.seed, self.step, self.total_steps,
+        sampler = BatchSampler(len(self.train_ds), tc.batch_size, tc.seed, self.step, stop,
                                self.dist.rank, self.dist.world)
         loader = make_loader(self.train_ds, sampler, tc.workers)
         metrics_f = open(out / "metrics.jsonl", "a") if self.dist.main else None
@@ -420,7 +422,7 @@ class Trainer:
             for pixels, actions in loader:
                 o = self.train_step(pixels, actions)
                 n_last += pixels.shape[0] * self.dist.world
-                at_log = self.step % tc.log_every == 0 or self.step == self.total_steps
+                at_log = self.step % tc.log_every == 0 or self.step == stop
                 if at_log:
                     self.check_finite("training")
                     now = time.perf_counter()
@@ -444,7 +446,7 @@ class Trainer:
                                         sps=f"{rec['samples_per_s']:.0f}")
                 if bar:
                     bar.update(1)
-                if self.step % tc.ckpt_every == 0 or self.step == self.total_steps:
+                if self.step % tc.ckpt_every == 0 or self.step == stop:
                     val = self.validate()
                     if val is not None and metrics_f:
                         metrics_f.write(json.dumps({"step": self.step, "val_pred_loss": val}) + "\n")
