@@ -56,4 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m lewm.cli` runs this file as __main__, a second copy of the module: hand over to the
+    # real `lewm.cli` so subcommands' UserError is the class caught above.
+    from lewm.cli import main as _main
+    sys.exit(_main())
