@@ -168,8 +168,9 @@ def save_checkpoint(out: Path, model: LeWM, opt, step: int, keep: int, extra: di
     return final
 
 
-def find_latest(out: Path) -> Path | None:
-    root = out / CKPT_DIR
+def find_latest(out: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder of run folder `out` (or None)."""
+    root = Path(out) / CKPT_DIR
     if not root.exists():
         return None
     ptr = root / "latest"

@@ -4,13 +4,14 @@
     FastPlanner      the fast path (engine.py): encode once, KV cache, fused rollout, CUDA graph
     MPPIPlanner      MPPI (mppi.py)
     GradientPlanner  Adam on the action sequence (gradient.py)
+    RandomPlanner    uniform random actions: the baseline of the evaluation protocol (mpc.py)
 """
 import importlib
 
 from .cem import CEMPlanner, Planner, PlanResult, terminal_cost
 
 _LAZY = {"FastPlanner": ".engine", "MPPIPlanner": ".mppi", "GradientPlanner": ".gradient",
-         "evaluate": ".mpc", "make_planner": ".mpc"}
+         "RandomPlanner": ".mpc", "evaluate": ".mpc", "make_planner": ".mpc"}
 
 
 def __getattr__(name):

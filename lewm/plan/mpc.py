@@ -1,0 +1,572 @@
+"""Model-predictive control and the evaluation protocol (shared/spec/reference.md section 7).
+
+    results = evaluate("runs/tworoom", "tworoom", "data/tworoom.h5", planner="cem")
+    results["success_rate"], results["ci95"], results["plan_time_s"]["median"]
+
+The protocol, as the reference runs it:
+
+* **Episodes.** `episodes` (50) start rows drawn uniformly without replacement, with a NumPy
+  generator seeded with `seed` (42), from the rows whose step index is <= ep_len - goal_offset - 1.
+  By default the pool is the *held-out* episodes: `split_episodes(E, cfg.train.val_frac,
+  cfg.train.seed)` with the checkpoint's own training config, so they were never trained on.
+  `split="train"` is the reference's protocol: every episode of the file (its eval data was the
+  training data, issue #90).
+* **Start and goal.** Each episode gets its own env instance: `reset(seed)`, then
+  `set_state_from_row(row s)` and `set_goal_from_row(row s + goal_offset)` (goal_offset = 25 raw
+  steps). The start frame is the env's render at the data set's image size; the goal frame is the
+  data set's pixels at row s + goal_offset. `LeWM.encode` resizes both to the model's image size.
+* **MPC.** Replan every `receding_horizon * frameskip` env steps (5 x 5 = 25: the whole plan runs
+  open loop before the next plan, about 2 plans in a budget of 50). Plans are mapped to raw actions
+  by the planner (`Planner.to_raw`, with the action mean/std stored in the checkpoint) and clipped
+  to the env's action box. No warm start (the reference's `actions[:, receding:]` is empty here).
+* **Success.** `env.success()` checked after every step; an episode counts as a success if it
+  holds at ANY step within `budget` (50) steps.
+
+Batching: all episodes of a batch (`num_envs`, default all of them, as the reference's
+num_envs=50) are planned in ONE `planner.plan(starts (E, ...), goals (E, ...))` call per
+replanning round. An episode that has succeeded is *masked*: it stops stepping and is left out of
+later planning calls (its result cannot change; later calls get smaller).
+
+Determinism: the random draws of each plan are explicit and per episode: the noise of episode i in
+round r comes from its own generator seeded with (seed, i, r, stream). So an episode's actions do
+not depend on which other episodes share its batch, on masking or on `num_envs`, and two planners
+given the same seed (e.g. "cem" and "fast") see identical draws.
+
+The random-policy baseline (`random_baseline=True`, or planner "random") runs the same protocol
+with uniform raw actions in the env's action box (a fresh uniform action every step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..cli import UserError
+from ..config import Config
+from ..model import LeWM
+from .cem import CEMPlanner, Planner, PlanResult
+
+PLANNERS = ("cem", "fast", "mppi", "gradient", "random")
+
+
+# -- planners ----------------------------------------------------------------------------------------
+class RandomPlanner(Planner):
+    """Uniform raw actions in [low, high] (the env's action box): the random-policy baseline, behind
+    the planner interface so the evaluation loop runs it like any planner.
+
+    noise (E, horizon*frameskip, action_dim) uniform in [0, 1) makes the draws explicit."""
+    noise_dist = "uniform"
+
+    def __init__(self, model: LeWM, horizon: int = 5, low=None, high=None, seed: int | None = 42, **_ignored):
+        super().__init__(model, 1, 1, 1, horizon, 1.0, seed)
+        A = self.action_dim
+        self.low = torch.as_tensor(-np.ones(A) if low is None else low, dtype=torch.float32).reshape(A)
+        self.high = torch.as_tensor(np.ones(A) if high is None else high, dtype=torch.float32).reshape(A)
+
+    @classmethod
+    def from_config(cls, model: LeWM, **overrides):
+        p = model.cfg.plan
+        kw = dict(horizon=p.horizon, seed=p.seed)
+        kw.update(overrides)
+        return cls(model, **kw)
+
+    def noise_shape(self, n_envs: int) -> tuple:
+        return (n_envs, self.horizon * self.frameskip, self.action_dim)
+
+    def draw_noise(self, n_envs: int) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=self.device)
+            if self.seed is not None:
+                self.generator.manual_seed(self.seed)
+        return torch.rand(self.noise_shape(n_envs), generator=self.generator, device=self.device)
+
+    @torch.no_grad()
+    def plan(self, start, goal, noise: torch.Tensor | None = None) -> PlanResult:
+        start, goal, noise = self._inputs(start, goal, noise)
+        E = start.shape[0]
+        low, high = self.low.to(self.device), self.high.to(self.device)
+        raw = low + (high - low) * noise  # (E, H*fs, A)
+        z = self.model.normalize_actions(raw).reshape(E, self.horizon, self.width)
+        return PlanResult(z, raw, torch.full((E,), float("nan"), device=self.device))
+
+
+def make_planner(name: str, model: LeWM, **kw) -> Planner:
+    """A planner by name: "cem" (the eager reference), "fast" (`lewm.plan.engine.FastPlanner`),
+    "mppi", "gradient" or "random".
+
+    Defaults come from the model's PlanConfig (samples, elites, iterations, horizon, var_scale,
+    seed) for cem/fast/mppi, so they plan with the same sampling budget; the gradient planner keeps
+    its own samples (100), steps (30) and lr (0.1). Keyword arguments override (None = default)."""
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if name == "cem":
+        return CEMPlanner.from_config(model, **kw)
+    if name == "fast":
+        try:
+            from .engine import FastPlanner
+        except ImportError as e:
+            raise UserError(f"planner 'fast' is not available ({e}); use --planner cem") from None
+        return FastPlanner.from_config(model, **kw)
+    if name == "mppi":
+        from .mppi import MPPIPlanner
+        return MPPIPlanner.from_config(model, **kw)
+    if name == "gradient":
+        from .gradient import GradientPlanner
+        return GradientPlanner.from_config(model, **kw)
+    if name == "random":
+        return RandomPlanner.from_config(model, **kw)
+    raise UserError(f"unknown planner '{name}' (known: {', '.join(PLANNERS)})")
+
+
+# -- statistics --------------------------------------------------------------------------------------
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion k/n."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return (lo, hi)
+
+
+def _percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"median": None, "p10": None, "p90": None, "mean": None, "n": 0}
+    a = np.asarray(xs, np.float64)
+    return {"median": float(np.median(a)), "p10": float(np.percentile(a, 10)),
+            "p90": float(np.percentile(a, 90)), "mean": float(a.mean()), "n": int(a.size)}
+
+
+# -- the data side of the protocol -------------------------------------------------------------------
+def qualifying_rows(ep_len: np.ndarray, ep_offset: np.ndarray, episodes: np.ndarray, goal_offset: int) -> np.ndarray:
+    """Rows of `episodes` whose step index s satisfies s <= ep_len - goal_offset - 1 (so row
+    s + goal_offset is in the same episode)."""
+    parts = [int(ep_offset[e]) + np.arange(int(ep_len[e]) - goal_offset, dtype=np.int64)
+             for e in episodes if int(ep_len[e]) > goal_offset]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def select_starts(pool: np.ndarray, episodes: int, seed: int) -> np.ndarray:
+    """`episodes` rows drawn uniformly without replacement from `pool` (NumPy generator, `seed`)."""
+    return np.random.default_rng(seed).choice(pool, size=episodes, replace=False).astype(np.int64)
+
+
+def read_rows(path, rows: np.ndarray, columns: list[str]) -> dict[str, np.ndarray]:
+    """The given per-row columns at `rows` (any order, repeats allowed): name -> (len(rows), ...)."""
+    from ..data.format import open_h5
+    rows = np.asarray(rows, np.int64)
+    order, inv = np.unique(rows, return_inverse=True)
+    out = {}
+    with open_h5(path) as f:
+        for k in columns:
+            out[k] = np.asarray(f[k][order])[inv]
+    return out
+
+
+def _row_dicts(cols: dict[str, np.ndarray]) -> list[dict]:
+    n = len(next(iter(cols.values()))) if cols else 0
+    return [{k: v[i] for k, v in cols.items()} for i in range(n)]
+
+
+# -- inputs, checked before any work -----------------------------------------------------------------
+@dataclass
+class EvalSetup:
+    cfg: Config
+    checkpoint: str | None
+    env_name: str
+    data: Path
+    image_size: int  # the data set's frames (envs render at this size)
+    env_kwargs: dict
+    bounds: tuple[np.ndarray, np.ndarray]
+    split: str
+    pool_size: int
+    start_rows: np.ndarray
+    goal_rows: np.ndarray
+    row_columns: list[str]
+    data_env: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder (model.safetensors + config.json), a file inside one, or a training run
+    folder (its latest checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"--checkpoint {p}: not found")
+    if p.is_file():
+        p = p.parent
+    if not (p / "model.safetensors").exists() and (p / "checkpoints").is_dir():
+        from ..train import find_latest
+        latest = find_latest(p)
+        if latest is None:
+            raise UserError(f"--checkpoint {p}: the run folder has no complete checkpoint under checkpoints/")
+        p = latest
+    for f in ("config.json", "model.safetensors"):
+        if not (p / f).exists():
+            raise UserError(f"--checkpoint {p}: not a checkpoint (no {f})")
+    return p
+
+
+def read_checkpoint_config(ckpt: Path) -> Config:
+    try:
+        meta = json.loads((ckpt / "config.json").read_text())
+        return Config.from_dict(meta["config"])
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"--checkpoint {ckpt}: config.json is unreadable: {e}") from None
+
+
+def _norm_name(s: str) -> str:
+    return "".join(c for c in str(s).lower() if c.isalnum())
+
+
+def make_env(env_name: str, image_size: int, **kwargs):
+    from ..envs import make
+    try:
+        return make(env_name, image_size=image_size, **kwargs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except RuntimeError as e:  # a simulator package is missing
+        raise UserError(str(e)) from None
+
+
+def check_inputs(cfg: Config, env_name: str, data, *, episodes: int, goal_offset: int, budget: int,
+                 split: str = "heldout", seed: int = 42, checkpoint: str | None = None) -> EvalSetup:
+    """Every check the user can fail, before any planning: raises UserError (or DataError) with one
+    line naming the file, column or flag. Returns the drawn start/goal rows.
+
+    Image sizes are allowed to differ between the data set and the checkpoint: `encode` resizes
+    frames to the model's size (a note is recorded)."""
+    from ..data.dataset import split_episodes
+    from ..data.format import inspect
+
+    for flag, v in (("--episodes", episodes), ("--goal-offset", goal_offset), ("--budget", budget)):
+        if not isinstance(v, (int, np.integer)) or v <= 0:
+            raise UserError(f"{flag} must be a positive integer, got {v!r}")
+    if split not in ("heldout", "train"):
+        raise UserError(f"--split must be 'heldout' or 'train', got {split!r}")
+    env = make_env(env_name, 64)  # unknown name / missing simulator package
+    try:
+        env.reset(seed=0)
+        env.success()
+    except NotImplementedError:
+        raise UserError(f"environment '{env_name}' has no success rule (success() is not implemented); "
+                        "it cannot be evaluated") from None
+    info = inspect(data)  # DataError: missing file, wrong layout
+    data_env = info.attrs.get("env")
+    if data_env is not None and _norm_name(env_name) not in _norm_name(data_env):
+        raise UserError(f"--data {info.path}: collected in environment '{data_env}' (attribute 'env'), "
+                        f"not '{env_name}'")
+    image_size = int(info.image_shape[0])
+    A = int(env.action_dim)
+    m = cfg.model
+    where = f"--checkpoint {checkpoint}" if checkpoint else "the model"
+    if m.action_dim != A:
+        raise UserError(f"{where} was trained for {m.action_dim}-D actions (model.action_dim), but environment "
+                        f"'{env_name}' has {A}-D actions")
+    if info.action_dim != A:
+        raise UserError(f"--data {info.path}: column 'action' has {info.action_dim} dims, but environment "
+                        f"'{env_name}' has {A}-D actions")
+    needed = [c for c in env.state_columns if c in info.columns]
+    if not needed:
+        raise UserError(f"--data {info.path}: has none of the columns environment '{env_name}' needs to restore "
+                        f"a row ({', '.join(env.state_columns)})")
+    bounds = (np.asarray(env.action_low, np.float32), np.asarray(env.action_high, np.float32))
+    env.close()
+
+    if split == "heldout":
+        _, eps = split_episodes(info.num_episodes, cfg.train.val_frac, cfg.train.seed)
+        if len(eps) == 0:
+            raise UserError(f"--data {info.path}: no held-out episodes ({info.num_episodes} episodes, "
+                            f"train.val_frac={cfg.train.val_frac}); use --split train")
+        which = f"{len(eps)} held-out episodes"
+    else:
+        eps = np.arange(info.num_episodes)
+        which = f"{len(eps)} episodes"
+    pool = qualifying_rows(info.ep_len, info.ep_offset, eps, goal_offset)
+    if pool.size == 0:
+        longest = int(info.ep_len[eps].max())
+        raise UserError(f"--data {info.path}: too short for --goal-offset {goal_offset}: no start row qualifies "
+                        f"(the longest of its {which} has {longest} rows in column 'ep_len'; a start needs "
+                        f"{goal_offset} more rows in its episode)")
+    if pool.size < episodes:
+        raise UserError(f"--data {info.path}: only {pool.size} start rows qualify for --goal-offset {goal_offset} "
+                        f"in its {which}, fewer than --episodes {episodes}")
+    starts = select_starts(pool, episodes, seed)
+    notes = []
+    if image_size != m.image_size:
+        notes.append(f"data frames are {image_size} px, the model's {m.image_size} px: encode resizes them")
+    cols = [c for c in info.columns if c not in ("pixels", "ep_len", "ep_offset")
+            and len(info.columns[c][0]) >= 1 and info.columns[c][0][0] == info.num_rows]
+    return EvalSetup(cfg=cfg, checkpoint=checkpoint, env_name=env_name, data=Path(data), image_size=image_size,
+                     env_kwargs={}, bounds=bounds, split=split, pool_size=int(pool.size), start_rows=starts,
+                     goal_rows=starts + goal_offset, row_columns=cols, data_env=data_env, notes=notes)
+
+
+# -- the MPC loop ------------------------------------------------------------------------------------
+def _noise_axis(planner) -> int | None:
+    try:
+        s1, s2 = planner.noise_shape(1), planner.noise_shape(2)
+    except (AttributeError, NotImplementedError):
+        return None
+    return next(i for i, (a, b) in enumerate(zip(s1, s2)) if a != b)
+
+
+def episode_noise(planner, episode_ids, round_idx: int, seed: int, stream: int = 0) -> torch.Tensor | None:
+    """The explicit random draws of one planning round: each episode's slice comes from its own
+    generator seeded with (seed, episode, round, stream), concatenated on the planner's env axis."""
+    axis = _noise_axis(planner)
+    if axis is None:
+        return None
+    shape = planner.noise_shape(1)
+    uniform = getattr(planner, "noise_dist", "normal") == "uniform"
+    dev = planner.device
+    draws = []
+    for ep in episode_ids:
+        s = int(np.random.SeedSequence([int(seed), int(ep), int(round_idx), int(stream)]).generate_state(1)[0])
+        g = torch.Generator(device=dev)
+        g.manual_seed(s)
+        draws.append((torch.rand if uniform else torch.randn)(shape, generator=g, device=dev))
+    return torch.cat(draws, dim=axis)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _video_frame(agent: np.ndarray, goal: np.ndarray, done: bool, min_size: int = 128) -> np.ndarray:
+    """Agent view | goal side by side, upscaled (nearest) to >= min_size, green border once solved."""
+    h = agent.shape[0]
+    k = max(1, -(-min_size // h))
+    gap = np.full((h, max(1, h // 32), 3), 255, np.uint8)
+    img = np.concatenate([agent, gap, goal], axis=1)
+    img = img.repeat(k, 0).repeat(k, 1)
+    if done:
+        b = max(2, k)
+        img[:b], img[-b:], img[:, :b], img[:, -b:] = (0, 200, 0), (0, 200, 0), (0, 200, 0), (0, 200, 0)
+    return img
+
+
+def run_episodes(planner, setup: EvalSetup, episode_ids, start_rows: list, goal_rows: list, goal_pixels: np.ndarray,
+                 *, budget: int, steps_per_round: int, seed: int, stream: int = 0, record=(),
+                 bar=None) -> dict:
+    """Run one batch of episodes under MPC. `start_rows`/`goal_rows` are lists of row dicts,
+    `goal_pixels` (E, H, W, 3). Returns per-episode success steps, plan times, videos."""
+    E = len(episode_ids)
+    envs = []
+    for j in range(E):
+        env = make_env(setup.env_name, setup.image_size, **setup.env_kwargs)
+        env.reset(seed=int(seed) + int(episode_ids[j]))
+        env.set_state_from_row(start_rows[j])
+        env.set_goal_from_row(goal_rows[j])
+        envs.append(env)
+    low, high = setup.bounds
+    success_step: list[int | None] = [None] * E
+    videos = {j: [] for j in range(E) if episode_ids[j] in record}
+    for j in videos:
+        videos[j].append(_video_frame(envs[j].render(), goal_pixels[j], False))
+    plan_times, plan_batch = [], []
+    dev = planner.device
+    t, rnd = 0, 0
+    active = list(range(E))
+    while t < budget and active:
+        frames = torch.from_numpy(np.stack([envs[j].render() for j in active]))
+        goals = torch.from_numpy(goal_pixels[active])
+        noise = episode_noise(planner, [episode_ids[j] for j in active], rnd, seed, stream)
+        _sync(dev)
+        t0 = time.perf_counter()
+        res = planner.plan(frames, goals, noise=noise)
+        raw = res.raw_actions.detach().float().cpu().numpy()  # (Ea, H*fs, A)
+        _sync(dev)
+        plan_times.append(time.perf_counter() - t0)
+        plan_batch.append(len(active))
+        raw = np.clip(raw, low, high)
+        n = min(steps_per_round, budget - t, raw.shape[1])
+        for k in range(n):
+            for a, j in enumerate(active):
+                if success_step[j] is not None:
+                    continue
+                envs[j].step(raw[a, k])
+                if envs[j].success():
+                    success_step[j] = t + k + 1
+                if j in videos:
+                    videos[j].append(_video_frame(envs[j].render(), goal_pixels[j], success_step[j] is not None))
+            if bar is not None:
+                bar.update(1)
+        t += n
+        rnd += 1
+        active = [j for j in active if success_step[j] is None]
+        if bar is not None:
+            bar.set_postfix_str(f"round {rnd}, solved {sum(s is not None for s in success_step)}/{E}")
+    if bar is not None and t < budget:
+        bar.update(budget - t)
+    for env in envs:
+        env.close()
+    return {"success_step": success_step, "plan_times": plan_times, "plan_batch": plan_batch,
+            "rounds": rnd, "videos": {int(episode_ids[j]): v for j, v in videos.items()}}
+
+
+def _protocol(planner, setup: EvalSetup, *, budget: int, steps_per_round: int, seed: int, num_envs: int | None,
+              stream: int, record, progress: bool, desc: str) -> dict:
+    n = len(setup.start_rows)
+    cols = [c for c in setup.row_columns]
+    s_cols = read_rows(setup.data, setup.start_rows, cols)
+    g_cols = read_rows(setup.data, setup.goal_rows, cols)
+    goal_px = read_rows(setup.data, setup.goal_rows, ["pixels"])["pixels"]
+    starts, goals = _row_dicts(s_cols), _row_dicts(g_cols)
+    bs = n if not num_envs else max(1, int(num_envs))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=budget * -(-n // bs), desc=desc, unit="step", dynamic_ncols=True, leave=False)
+    success_step, plan_times, plan_batch, videos, rounds = [], [], [], {}, 0
+    try:
+        for lo in range(0, n, bs):
+            ids = list(range(lo, min(n, lo + bs)))
+            r = run_episodes(planner, setup, ids, starts[lo:lo + bs], goals[lo:lo + bs], goal_px[lo:lo + bs],
+                             budget=budget, steps_per_round=steps_per_round, seed=seed, stream=stream,
+                             record=record, bar=bar)
+            success_step += r["success_step"]
+            plan_times += r["plan_times"]
+            plan_batch += r["plan_batch"]
+            videos.update(r["videos"])
+            rounds += r["rounds"]
+    finally:
+        if bar is not None:
+            bar.close()
+    succ = [s is not None for s in success_step]
+    k = int(sum(succ))
+    lo_ci, hi_ci = wilson_interval(k, n)
+    steps = [s for s in success_step if s is not None]
+    per_env = [t / b for t, b in zip(plan_times, plan_batch)]
+    return {"success_rate": k / n, "ci95": [lo_ci, hi_ci], "successes": succ, "num_successes": k,
+            "steps_to_success": success_step,
+            "steps_to_success_median": float(np.median(steps)) if steps else None,
+            "plan_time_s": _percentiles(plan_times), "plan_time_per_env_s": _percentiles(per_env),
+            "plan_calls": len(plan_times), "envs_per_call": _percentiles([float(b) for b in plan_batch]),
+            "_videos": videos}
+
+
+def _resolve_model(model, device: str) -> tuple[Config, Any, str | None]:
+    """(config, loader, checkpoint path): the weights are only loaded after the checks."""
+    if isinstance(model, torch.nn.Module):
+        return model.cfg, (lambda: model), None
+    ckpt = resolve_checkpoint(model)
+    cfg = read_checkpoint_config(ckpt)
+
+    def load():
+        try:
+            return LeWM.load(ckpt, map_location=device)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"--checkpoint {ckpt}: {e}") from None
+    return cfg, load, str(ckpt)
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    return str(device)
+
+
+def evaluate(model, env: str, data, *, planner: str = "cem", planner_kw: dict | None = None,
+             episodes: int | None = None, goal_offset: int | None = None, budget: int | None = None,
+             receding_horizon: int | None = None, split: str = "heldout", seed: int | None = None,
+             device: str | None = "auto", num_envs: int | None = None, random_baseline: bool = False,
+             videos: int = 0, progress: bool = False, log=None) -> dict:
+    """Run the evaluation protocol (module docstring). `model` is a LeWM or a checkpoint path (a
+    checkpoint folder or a training run folder). Defaults (episodes, goal_offset, budget,
+    receding_horizon, seed) come from the model's PlanConfig. Returns the results dict (see
+    `lewm eval --help`); results["_videos"] holds {episode: [frames]} for the first `videos`
+    episodes (removed by `save_results`)."""
+    device = resolve_device(device)
+    cfg, load, ckpt = _resolve_model(model, device)
+    p = cfg.plan
+    episodes = p.episodes if episodes is None else episodes
+    goal_offset = p.goal_offset if goal_offset is None else goal_offset
+    budget = p.budget if budget is None else budget
+    receding = p.receding_horizon if receding_horizon is None else receding_horizon
+    seed = p.seed if seed is None else seed
+    if planner not in PLANNERS:
+        raise UserError(f"unknown planner '{planner}' (known: {', '.join(PLANNERS)})")
+    if not isinstance(receding, int) or receding <= 0:
+        raise UserError(f"--receding-horizon must be a positive integer, got {receding!r}")
+    horizon = (planner_kw or {}).get("horizon") or p.horizon
+    if receding > horizon:
+        raise UserError(f"--receding-horizon {receding} exceeds the planning horizon ({horizon} macro steps)")
+    setup = check_inputs(cfg, env, data, episodes=episodes, goal_offset=goal_offset, budget=budget,
+                         split=split, seed=seed, checkpoint=ckpt)
+    if log:
+        for note in setup.notes:
+            log(f"note: {note}")
+    net = load()
+    net = net.to(device).eval()
+    kw = dict(planner_kw or {})
+    pl = make_planner(planner, net, **kw)
+    if planner == "random":
+        pl.low, pl.high = torch.from_numpy(setup.bounds[0]), torch.from_numpy(setup.bounds[1])
+    steps_per_round = receding * net.mcfg.frameskip
+    record = set(range(min(int(videos), episodes)))
+    t0 = time.perf_counter()
+    main = _protocol(pl, setup, budget=budget, steps_per_round=steps_per_round, seed=seed, num_envs=num_envs,
+                     stream=0, record=record, progress=progress, desc=f"eval {env} {planner}")
+    wall = time.perf_counter() - t0
+    results = {"env": env, "planner": planner, "episodes": episodes, **main, "wall_time_s": wall,
+               "start_rows": setup.start_rows.tolist(), "goal_rows": setup.goal_rows.tolist()}
+    if random_baseline and planner != "random":
+        rp = RandomPlanner.from_config(net, low=setup.bounds[0], high=setup.bounds[1])
+        rb = _protocol(rp, setup, budget=budget, steps_per_round=steps_per_round, seed=seed, num_envs=num_envs,
+                       stream=1, record=(), progress=progress, desc=f"eval {env} random")
+        rb.pop("_videos")
+        results["random_baseline"] = {k: rb[k] for k in ("success_rate", "ci95", "successes", "num_successes",
+                                                          "steps_to_success", "steps_to_success_median")}
+    pk = {k: getattr(pl, k) for k in ("samples", "elites", "iterations", "horizon", "var_scale", "seed",
+                                      "temperature", "lr", "weight_decay") if hasattr(pl, k)}
+    results["config"] = {
+        "checkpoint": ckpt, "data": str(setup.data), "data_env": setup.data_env, "split": split,
+        "pool_rows": setup.pool_size, "episodes": episodes, "goal_offset": goal_offset, "budget": budget,
+        "receding_horizon": receding, "frameskip": net.mcfg.frameskip, "steps_per_plan": steps_per_round,
+        "seed": seed, "device": device, "num_envs": num_envs or episodes, "planner": planner, "planner_kw": pk,
+        "data_image_size": setup.image_size, "model_image_size": net.mcfg.image_size,
+        "action_low": setup.bounds[0].tolist(), "action_high": setup.bounds[1].tolist(),
+        "torch": torch.__version__, "notes": setup.notes,
+        "success_masking": "episodes stop and leave the planning batch once solved",
+    }
+    return results
+
+
+def save_results(results: dict, out, video_format: str = "gif", fps: int = 10) -> dict:
+    """Write out/results.json (atomic) and out/videos/episode_XXX.{gif,mp4}; returns the JSON part."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    videos = results.get("_videos", {})
+    clean = {k: v for k, v in results.items() if k != "_videos"}
+    paths = []
+    if videos:
+        import imageio.v2 as iio2
+        import imageio.v3 as iio3
+        vd = out / "videos"
+        vd.mkdir(exist_ok=True)
+        for ep, frames in sorted(videos.items()):
+            f = vd / f"episode_{ep:03d}.{video_format}"
+            frames = list(frames) + [frames[-1]] * max(1, fps // 2)  # hold the last frame half a second
+            if video_format == "gif":
+                iio3.imwrite(f, np.stack(frames), duration=1000.0 / fps, loop=0)  # pillow: ms per frame
+            else:  # mp4 through imageio-ffmpeg
+                iio2.mimwrite(f, frames, fps=fps, macro_block_size=1)
+            paths.append(str(f))
+    clean["videos"] = paths
+    tmp = out / f".results.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(clean, indent=2))
+    os.replace(tmp, out / "results.json")
+    return clean
