@@ -135,8 +135,7 @@ def _sigreg_tbd(z, directions, knots, t_max, impl, distributed):
     if impl == "auto":
         impl = "triton" if z.is_cuda else "eager"
     if impl == "triton":
-        from lewm_kernels.sigreg import fused_ecf_sums
-        cos_sum, sin_sum = fused_ecf_sums(z, directions, t)
+        cos_sum, sin_sum = _fused_sums(z, directions, t)
     elif impl == "eager":
         cos_sum, sin_sum = ecf_sums(z, directions, t)
     else:
@@ -150,6 +149,15 @@ def _sigreg_tbd(z, directions, knots, t_max, impl, distributed):
         cos_sum, sin_sum = sums[0], sums[1]
         n = B * dist.get_world_size()
     return statistic_from_sums(cos_sum, sin_sum, n, w, phi)
+
+
+@torch.compiler.disable
+def _fused_sums(z, directions, t):
+    """The fused kernel, called eagerly even inside a torch.compile'd step (a graph break around one
+    hand-written kernel pair, rather than asking Dynamo to trace the launcher). Inside a captured CUDA
+    graph the launches are recorded like any other kernel."""
+    from lewm_kernels.sigreg import fused_ecf_sums
+    return fused_ecf_sums(z, directions, t)
 
 
 def sigreg(z: torch.Tensor, directions: torch.Tensor | None = None, *, num_proj: int = 1024,

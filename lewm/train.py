@@ -15,7 +15,6 @@ run sees the same batches and directions as an uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -34,18 +33,12 @@ from .cli import UserError
 from .config import Config, preset, preset_names
 from .data.dataset import BatchSampler, ClipDataset, make_loader, split_episodes, steps_per_epoch
 from .model import LeWM
+from .nvtx import nvtx_range
 from .sigreg import effective_rank
 
 CKPT_DIR = "checkpoints"
 OPTIM = "optim.safetensors"
 STATE = "state.json"
-
-
-# -- NVTX ranges (no-ops without CUDA; the `nvtx` package is optional) ------------------------------
-def nvtx_range(name: str):
-    if torch.cuda.is_available():
-        return torch.cuda.nvtx.range(name)
-    return contextlib.nullcontext()
 
 
 # -- the schedule ------------------------------------------------------------------------------------

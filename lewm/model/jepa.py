@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config, ModelConfig
+from ..nvtx import nvtx_range
 from ..sigreg import SIGReg
 from .encoder import Encoder, MLPProjector
 from .predictor import ActionEncoder, Predictor
@@ -121,18 +122,21 @@ class LeWM(nn.Module):
         pixels (B, T, H, W, 3) uint8, or images (B*T, 3, S, S) preprocessed; actions (B, T, A)
         z-scored macro actions (NaN -> 0). Returns dict(loss, pred_loss, sigreg, emb)."""
         lam = self.cfg.sigreg.weight if sigreg_weight is None else sigreg_weight
-        if images is None:
-            B, T = pixels.shape[:2]
-            emb = self.encode(pixels)
-        else:
-            B = actions.shape[0]
-            T = images.shape[0] // B
-            emb = self.encoder(images).reshape(B, T, -1)
-        act_emb = self.action_encoder(torch.nan_to_num(actions, nan=0.0))
-        ctx = T - 1
-        pred = self.pred_proj(self.predictor(emb[:, :ctx], act_emb[:, :ctx]))
-        pred_loss = F.mse_loss(pred.float(), emb[:, 1:].float())
-        sig = self.sigreg(emb.transpose(0, 1), step=step, directions=directions)
+        with nvtx_range("encode"):
+            if images is None:
+                B, T = pixels.shape[:2]
+                emb = self.encode(pixels)
+            else:
+                B = actions.shape[0]
+                T = images.shape[0] // B
+                emb = self.encoder(images).reshape(B, T, -1)
+        with nvtx_range("predict"):
+            act_emb = self.action_encoder(torch.nan_to_num(actions, nan=0.0))
+            ctx = T - 1
+            pred = self.pred_proj(self.predictor(emb[:, :ctx], act_emb[:, :ctx]))
+        with nvtx_range("loss"):
+            pred_loss = F.mse_loss(pred.float(), emb[:, 1:].float())
+            sig = self.sigreg(emb.transpose(0, 1), step=step, directions=directions)
         return {"loss": pred_loss + lam * sig, "pred_loss": pred_loss, "sigreg": sig, "emb": emb}
 
     def forward(self, *args, **kwargs) -> dict:
