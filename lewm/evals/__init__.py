@@ -1,0 +1,207 @@
+"""Evaluations of a trained model beyond planning: probes (`lewm probe`) and surprise (`lewm surprise`).
+
+    from lewm.evals import run_probe, run_surprise
+    res = run_probe("runs/pusht", "data/pusht.h5", out="evals/probe")        # lewm/evals/probe.py
+    res = run_surprise("runs/tworoom", "data/tworoom.h5", out="evals/voe")   # lewm/evals/surprise.py
+
+Both read a checkpoint (a checkpoint folder, a file inside one, or a training run folder: its
+latest checkpoint) and an HDF5 data set, and evaluate on the episodes training held out
+(`split_episodes(E, cfg.train.val_frac, cfg.train.seed)` with the checkpoint's config). This module
+holds the few helpers they share; the subcommands' parsers live in their modules.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["run_probe", "run_surprise"]
+
+
+def __getattr__(name):  # the entry points are imported lazily (they pull in torch, scipy, matplotlib)
+    if name == "run_probe":
+        from .probe import run_probe
+        return run_probe
+    if name == "run_surprise":
+        from .surprise import run_surprise
+        return run_surprise
+    raise AttributeError(f"module 'lewm.evals' has no attribute '{name}'")
+
+
+def _user_error(msg: str):
+    from ..cli import UserError
+    return UserError(msg)
+
+
+# -- checkpoints and devices -------------------------------------------------------------------------
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder (model.safetensors + config.json), a file inside one, or a training run
+    folder (its latest checkpoint). Raises UserError naming --checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise _user_error(f"--checkpoint {p}: not found")
+    if p.is_file():
+        p = p.parent
+    if not (p / "model.safetensors").exists() and (p / "checkpoints").is_dir():
+        from ..train import find_latest
+        latest = find_latest(p)
+        if latest is None:
+            raise _user_error(f"--checkpoint {p}: the run folder has no complete checkpoint under checkpoints/")
+        p = latest
+    for f in ("config.json", "model.safetensors"):
+        if not (p / f).exists():
+            raise _user_error(f"--checkpoint {p}: not a checkpoint (no {f})")
+    return p
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise _user_error(f"--device {device}: CUDA is not available on this machine")
+    return str(device)
+
+
+def load_model(model, device: str = "auto"):
+    """(LeWM in eval mode on `device`, checkpoint path or None). `model` is a LeWM or a path."""
+    import torch
+
+    from ..model import LeWM
+    dev = resolve_device(device)
+    if isinstance(model, torch.nn.Module):
+        return model.to(dev).eval(), None
+    ckpt = resolve_checkpoint(model)
+    try:
+        m = LeWM.load(ckpt, map_location=dev)
+    except (FileNotFoundError, ValueError) as e:
+        raise _user_error(f"--checkpoint {ckpt}: {e}") from None
+    return m.eval(), str(ckpt)
+
+
+# -- data --------------------------------------------------------------------------------------------
+def data_env_name(info, env: str | None) -> str | None:
+    """The environment of a data set: --env if given (it must agree with the file's `env`
+    attribute when there is one), else the attribute, else None."""
+    attr = info.attrs.get("env")
+    attr = str(attr) if attr not in (None, "") else None
+    if env is None:
+        return attr
+    if attr is not None and _norm(attr) != _norm(env) and ":" not in attr:
+        raise _user_error(f"--env {env}: the data set {info.path} was collected in '{attr}' (its 'env' attribute)")
+    return env
+
+
+def _norm(s: str) -> str:
+    return "".join(c for c in str(s).lower() if c.isalnum())
+
+
+def heldout_split(info, cfg, split: str = "heldout") -> tuple[np.ndarray, np.ndarray]:
+    """(train episodes, evaluation episodes) as training split them. split='all' evaluates on all."""
+    from ..data.dataset import split_episodes
+    train, held = split_episodes(info.num_episodes, cfg.train.val_frac, cfg.train.seed)
+    if split == "all":
+        return train, np.arange(info.num_episodes)
+    if split != "heldout":
+        raise _user_error(f"--split must be heldout or all, got {split!r}")
+    if len(held) == 0:
+        raise _user_error(f"{info.path}: no held-out episodes ({info.num_episodes} episodes, "
+                          f"train.val_frac {cfg.train.val_frac} in the checkpoint's config); "
+                          "collect more episodes or pass --split all")
+    return train, held
+
+
+def episode_rows(info, episodes) -> np.ndarray:
+    """All row indices of `episodes`, in increasing order."""
+    eps = np.asarray(episodes, dtype=np.int64)
+    if eps.size == 0:
+        return np.zeros(0, np.int64)
+    return np.sort(np.concatenate([info.ep_offset[e] + np.arange(info.ep_len[e]) for e in eps]))
+
+
+def read_pixels(path, rows: np.ndarray, block_rows: int | None = None):
+    """Yield (positions into `rows`, pixels (n, H, W, 3) uint8) for increasing `rows`, reading the
+    pixel column a block of whole chunks at a time (a fancy index on a compressed column decodes
+    every chunk it touches once per request; whole blocks decode each once)."""
+    from ..data.format import open_h5
+    rows = np.asarray(rows, dtype=np.int64)
+    with open_h5(path) as f:
+        d = f["pixels"]
+        H, W = d.shape[1:3]
+        step = block_rows or max(100, ((64 << 20) // (H * W * 3)) // 100 * 100)
+        i = 0
+        while i < len(rows):
+            lo = rows[i] // step * step
+            j = int(np.searchsorted(rows, lo + step, side="left"))
+            sel = rows[i:j]
+            if j - i > 0.25 * step:  # dense: read the whole block once
+                block = d[lo:min(lo + step, d.shape[0])]
+                yield np.arange(i, j), block[sel - lo]
+            else:
+                yield np.arange(i, j), d[sel]
+            i = j
+
+
+def encode_rows(model, path, rows: np.ndarray, batch_size: int = 256, progress: bool = False,
+                desc: str = "encode") -> np.ndarray:
+    """(len(rows), D) float32 frozen embeddings (model in eval mode, no grad) of the frames at
+    `rows` (increasing) of data set `path`."""
+    import torch
+    out = np.empty((len(rows), model.mcfg.embed_dim), np.float32)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(rows), desc=desc, unit="frame", leave=False)
+    model.eval()
+    with torch.no_grad():
+        for pos, px in read_pixels(path, rows):
+            for k in range(0, len(pos), batch_size):
+                z = model.encode(torch.from_numpy(np.ascontiguousarray(px[k:k + batch_size])))
+                out[pos[k:k + batch_size]] = z.float().cpu().numpy()
+                if bar is not None:
+                    bar.update(len(pos[k:k + batch_size]))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def write_json(obj, path: Path) -> Path:
+    """Atomic JSON write (temporary file, then rename); NaN becomes null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _jsonable(o.tolist())
+    if isinstance(o, (np.floating, float)):
+        f = float(o)
+        return f if np.isfinite(f) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    if isinstance(o, Path):
+        return str(o)
+    return o
