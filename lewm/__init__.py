@@ -7,7 +7,7 @@
     loss = lewm.sigreg(z, directions)
     planner = lewm.plan.CEMPlanner(model)
 """
-from .config import Config, ModelConfig, PlanConfig, SIGRegConfig, TrainConfig, preset, preset_names
+from .config import Config, DataConfig, ModelConfig, PlanConfig, SIGRegConfig, TrainConfig, preset, preset_names
 from .model import LeWM
 from .sigreg import SIGReg, effective_rank, sigreg
 
@@ -22,5 +22,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'lewm' has no attribute '{name}'")
 
 
-__all__ = ["Config", "ModelConfig", "PlanConfig", "SIGRegConfig", "TrainConfig", "preset", "preset_names",
+__all__ = ["Config", "DataConfig", "ModelConfig", "PlanConfig", "SIGRegConfig", "TrainConfig", "preset", "preset_names",
            "LeWM", "SIGReg", "sigreg", "effective_rank", "plan"]

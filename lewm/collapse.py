@@ -6,6 +6,10 @@ prediction loss, the per-dimension std of the embeddings and their effective ran
 (or the training clips when the data set has no held-out episodes).
 
     lewm collapse --data tworoom.h5 --preset tiny --steps 300 --out runs/collapse
+    lewm collapse --data tworoom.h5 --preset tworoom-cpu --steps 3000 --eval tworoom --out runs/collapse
+
+With `--eval ENV` both models also plan under the evaluation protocol, so the table shows what
+collapse costs in success rate.
 """
 from __future__ import annotations
 
@@ -35,8 +39,10 @@ def embedding_stats(model, ds, max_clips: int = 512, batch: int = 64) -> dict:
             "dims": int(z.shape[1]), "n": int(z.shape[0])}
 
 
-def run_collapse(cfg: Config, data, out, lambdas=(0.0, 0.09), device: str = "auto", progress: bool = True) -> dict:
-    from .train import Trainer
+def run_collapse(cfg: Config, data, out, lambdas=(0.0, 0.09), device: str = "auto", progress: bool = True,
+                 env: str | None = None, episodes: int = 50) -> dict:
+    """Train one run per lambda; with `env`, also plan with each under the evaluation protocol."""
+    from .train import Trainer, find_latest
 
     out = Path(out)
     results = {}
@@ -49,6 +55,11 @@ def run_collapse(cfg: Config, data, out, lambdas=(0.0, 0.09), device: str = "aut
         results[f"{lam:g}"] = {"lambda": lam, "pred_loss": last.get("pred_loss"),
                                "val_pred_loss": last.get("val_pred_loss"), "sigreg": last.get("sigreg"),
                                "steps": tr.step, **stats}
+        if env:
+            from .plan.mpc import evaluate
+            r = evaluate(find_latest(out / f"lambda_{lam:g}"), env, data, planner="fast", episodes=episodes,
+                         device=device, random_baseline=False, progress=progress)
+            results[f"{lam:g}"].update(success_rate=r["success_rate"], ci95=r["ci95"], episodes=r["episodes"])
     tmp = out / ".collapse.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, out / "collapse.json")
@@ -56,10 +67,15 @@ def run_collapse(cfg: Config, data, out, lambdas=(0.0, 0.09), device: str = "aut
 
 
 def format_table(results: dict) -> str:
-    rows = ["lambda  pred_loss  emb_std_mean  eff_rank (of D)"]
+    with_success = all("success_rate" in r for r in results.values())
+    rows = ["lambda  pred_loss  emb_std_mean  eff_rank (of D)" + ("  success (95% CI)" if with_success else "")]
     for r in results.values():
-        rows.append(f"{r['lambda']:<7g} {r['pred_loss']:<10.4f} {r['emb_std_mean']:<13.4f} "
-                    f"{r['eff_rank']:.2f} / {r['dims']}")
+        row = (f"{r['lambda']:<7g} {r['pred_loss']:<10.4f} {r['emb_std_mean']:<13.4f} "
+               f"{r['eff_rank']:>6.2f} / {r['dims']:<6}")
+        if with_success:
+            lo, hi = r["ci95"]
+            row += f"  {100 * r['success_rate']:.0f}% ({100 * lo:.0f}-{100 * hi:.0f}%)"
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -70,6 +86,8 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="tiny", choices=preset_names())
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.09])
+    p.add_argument("--eval", dest="env", metavar="ENV", help="also plan with both models in ENV (evaluation protocol)")
+    p.add_argument("--episodes", type=int, default=50, help="evaluation episodes with --eval")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
@@ -81,7 +99,8 @@ def main(args) -> int:
     if args.steps <= 0:
         raise UserError(f"--steps must be positive, got {args.steps}")
     cfg = preset(args.preset, train={"steps": args.steps, "ckpt_every": args.steps})
-    res = run_collapse(cfg, args.data, args.out, args.lambdas, args.device, progress=not args.no_progress)
+    res = run_collapse(cfg, args.data, args.out, args.lambdas, args.device, progress=not args.no_progress,
+                       env=args.env, episodes=args.episodes)
     print(format_table(res))
     print(f"lewm collapse: wrote {Path(args.out) / 'collapse.json'}")
     return 0

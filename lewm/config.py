@@ -92,6 +92,15 @@ class PlanConfig:
 
 
 @dataclass
+class DataConfig:
+    """The size of the preset's data set: `lewm collect ENV --episodes E --max-steps S --image-size I`
+    with the env's default collection policy (docs/environments.md, docs/recipes.md)."""
+    episodes: int = 10000
+    max_steps: int = 200
+    image_size: int = 224
+
+
+@dataclass
 class Config:
     name: str = "pusht"
     env: str = "pusht"
@@ -99,6 +108,7 @@ class Config:
     sigreg: SIGRegConfig = field(default_factory=SIGRegConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -116,7 +126,6 @@ class Config:
         return _merge(copy.deepcopy(self), overrides, path="config")
 
 
-_SECTIONS = {"model": ModelConfig, "sigreg": SIGRegConfig, "train": TrainConfig, "plan": PlanConfig}
 
 
 def _merge(obj, d: dict, path: str):
@@ -152,11 +161,18 @@ def _merge(obj, d: dict, path: str):
 # reference architecture; they differ in env, action_dim and CEM iterations.
 _PRESETS: dict[str, dict] = {
     # The reference's full size: ViT-tiny/14 at 224 px, 6-layer predictor, CEM 300 x 30 x 30.
-    "pusht": {"env": "pusht", "model": {"action_dim": 2}, "plan": {"iterations": 30}},
+    # Data sizes follow the reference's data sets (reference.md section 6): PushT ~18.7k expert
+    # episodes of ~125 rows, TwoRoom 10k expert episodes of <= 100 steps, Cube and Reacher 10k x 200.
+    # History is 3 frames for every env (the reference code; the paper reportedly used 1 for TwoRoom).
+    "pusht": {"env": "pusht", "model": {"action_dim": 2}, "plan": {"iterations": 30},
+              "data": {"episodes": 18685, "max_steps": 150}},
     # The paper used 10 CEM iterations outside PushT (reference.md section 7, issue #41).
-    "tworoom": {"env": "tworoom", "model": {"action_dim": 2}, "plan": {"iterations": 10}},
-    "cube": {"env": "cube", "model": {"action_dim": 5}, "plan": {"iterations": 10}},
-    "reacher": {"env": "reacher", "model": {"action_dim": 2}, "plan": {"iterations": 10}},
+    "tworoom": {"env": "tworoom", "model": {"action_dim": 2}, "plan": {"iterations": 10},
+                "data": {"episodes": 10000, "max_steps": 100}},
+    "cube": {"env": "cube", "model": {"action_dim": 5}, "plan": {"iterations": 10},
+             "data": {"episodes": 10000, "max_steps": 200}},
+    "reacher": {"env": "reacher", "model": {"action_dim": 2}, "plan": {"iterations": 10},
+                "data": {"episodes": 10000, "max_steps": 200}},
     # Small presets for the CPU: same code, smaller numbers.
     "tiny": {
         "env": "tworoom",
@@ -168,6 +184,7 @@ _PRESETS: dict[str, dict] = {
         "sigreg": {"num_proj": 64},
         "train": {"batch_size": 16, "lr": 2e-3, "workers": 0, "log_every": 5, "ckpt_every": 50},
         "plan": {"samples": 64, "elites": 8, "iterations": 5},
+        "data": {"episodes": 300, "max_steps": 100, "image_size": 32},
     },
     # The CPU quickstart: TwoRoom at 32 px with the tiny architecture and the reference's TwoRoom CEM
     # (300 x 30 x 10). Measured on 1000 collected episodes: 96% success vs 34% random after 3000
@@ -184,6 +201,7 @@ _PRESETS: dict[str, dict] = {
         "train": {"steps": 3000, "batch_size": 32, "lr": 2e-3, "workers": 0, "log_every": 50,
                   "ckpt_every": 1000},
         "plan": {"samples": 300, "elites": 30, "iterations": 10},
+        "data": {"episodes": 1000, "max_steps": 100, "image_size": 32},
     },
 }
 

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("quickstart", help="collect, train and evaluate TwoRoom on this machine")
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     p.add_argument("--preset", default="tworoom-cpu")
-    p.add_argument("--episodes", type=int, default=1000, help="TwoRoom episodes to collect")
+    p.add_argument("--episodes", type=int, help="TwoRoom episodes to collect (default: the preset's, 1000)")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
     p.add_argument("--eval-episodes", type=int, default=50)
     p.add_argument("--planner", default="fast", choices=["cem", "fast"], help="planner for the evaluation")
@@ -83,7 +83,7 @@ def main(args) -> int:
     from .plan.mpc import evaluate, save_results
     from .train import Trainer, find_latest
 
-    if args.episodes <= 0 or args.eval_episodes <= 0:
+    if (args.episodes is not None and args.episodes <= 0) or args.eval_episodes <= 0:
         raise UserError("--episodes and --eval-episodes must be positive")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -91,6 +91,8 @@ def main(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = preset(args.preset)
+    if args.episodes is None:
+        args.episodes = cfg.data.episodes
     if args.steps:
         cfg = cfg.replace(train={"steps": args.steps})
     timings = {}
@@ -101,7 +103,8 @@ def main(args) -> int:
     if data.exists():
         print(f"reusing {data}")
     else:
-        collect("tworoom", args.episodes, data, image_size=cfg.model.image_size, seed=args.seed, progress=True)
+        collect("tworoom", args.episodes, data, image_size=cfg.model.image_size, seed=args.seed,
+                max_steps=cfg.data.max_steps, progress=True)
     timings["collect_s"] = time.time() - t
 
     _stage(f"2/4 train the {cfg.name} preset for {cfg.train.steps} steps")

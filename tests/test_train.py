@@ -141,3 +141,14 @@ def test_compile_matches_eager_on_cpu(syn, tmp_path):
     e = [r["loss"] for r in metrics(tmp_path / "e") if "loss" in r]
     c = [r["loss"] for r in metrics(tmp_path / "c") if "loss" in r]
     assert np.allclose(e, c, rtol=1e-3, atol=1e-5), (e, c)
+
+
+def test_collapse_command_with_planning(tworoom_data, tmp_path, capsys):
+    from lewm.cli import main as cli
+    code = cli(["collapse", "--data", str(tworoom_data), "--out", str(tmp_path), "--preset", "tiny",
+                "--steps", "10", "--eval", "tworoom", "--episodes", "4", "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "success (95% CI)" in out and out.count("%") >= 4
+    res = json.loads((tmp_path / "collapse.json").read_text())
+    assert set(res) == {"0", "0.09"} and all(r["episodes"] == 4 for r in res.values())
