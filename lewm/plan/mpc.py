@@ -395,7 +395,7 @@ def run_episodes(planner, setup: EvalSetup, episode_ids, start_rows: list, goal_
             for a, j in enumerate(active):
                 if success_step[j] is not None:
                     continue
-                envs[j].step(raw[a, k])
+                envs[j].step(raw[a, k], render=False)  # frames only where planned or recorded
                 if envs[j].success():
                     success_step[j] = t + k + 1
                 if j in videos:
