@@ -1,9 +1,8 @@
 """Probes (`lewm probe`): the fitting code on known maps, the whole command on a tiny checkpoint, a
 trained TwoRoom model against the same architecture untrained, and every bad input named.
 
-Fixtures from conftest.py: `tworoom_data` (150 TwoRoom expert episodes at 32 px) and `tworoom_model`
+Fixtures from conftest.py: `tworoom_data` (300 TwoRoom expert episodes at 32 px) and `tworoom_model`
 (the tiny preset trained on it)."""
-import contextlib
 import json
 
 import h5py
@@ -18,16 +17,7 @@ from lewm.data.dataset import split_episodes
 from lewm.data.format import DataError, inspect
 from lewm.evals.probe import fit_mlp, fit_ridge, format_table, metrics, predict_mlp, predict_ridge, run_probe
 
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+from conftest import one_torch_thread as one_thread
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ surprising, and every bad input named.
 
 Fixtures from conftest.py: `tworoom_data` (TwoRoom expert episodes at 32 px) and `tworoom_model`
 (the tiny preset trained on it)."""
-import contextlib
 import json
 
 import h5py
@@ -19,16 +18,7 @@ from lewm.envs import make
 from lewm.envs import tworoom as T
 from lewm.evals.surprise import PERTURBATIONS, surprise_series, swap_red_green, run_surprise
 
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+from conftest import one_torch_thread as one_thread
 
 
 @pytest.fixture(scope="module")

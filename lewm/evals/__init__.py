@@ -35,34 +35,8 @@ def _user_error(msg: str):
     return UserError(msg)
 
 
-# -- checkpoints and devices -------------------------------------------------------------------------
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder (model.safetensors + config.json), a file inside one, or a training run
-    folder (its latest checkpoint). Raises UserError naming --checkpoint."""
-    p = Path(path)
-    if not p.exists():
-        raise _user_error(f"--checkpoint {p}: not found")
-    if p.is_file():
-        p = p.parent
-    if not (p / "model.safetensors").exists() and (p / "checkpoints").is_dir():
-        from ..train import find_latest
-        latest = find_latest(p)
-        if latest is None:
-            raise _user_error(f"--checkpoint {p}: the run folder has no complete checkpoint under checkpoints/")
-        p = latest
-    for f in ("config.json", "model.safetensors"):
-        if not (p / f).exists():
-            raise _user_error(f"--checkpoint {p}: not a checkpoint (no {f})")
-    return p
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise _user_error(f"--device {device}: CUDA is not available on this machine")
-    return str(device)
+# -- checkpoints and devices: the same rules as `lewm eval` ----------------------------------------------
+from ..plan.mpc import resolve_checkpoint, resolve_device  # noqa: E402
 
 
 def load_model(model, device: str = "auto"):
