@@ -714,6 +714,16 @@ def _launch_attn_out(qkv_l, N, TQ, Q0, T, w: RolloutWeights, l, gate, s_g, x, s_
 
 def fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, goal: torch.Tensor | None = None,
                   *, workspace: RolloutWorkspace | None = None, tiles: dict | None = None):
+    """The fused Triton rollout; see `_fused_rollout` (the kernels launch on the tensors' CUDA device:
+    Triton itself launches on the current device, whatever the tensors' device)."""
+    if torch.is_tensor(z0) and z0.is_cuda:  # (non-tensors get their clear error from the checks inside)
+        with torch.cuda.device(z0.device):
+            return _fused_rollout(w, z0, actions, goal, workspace=workspace, tiles=tiles)
+    return _fused_rollout(w, z0, actions, goal, workspace=workspace, tiles=tiles)
+
+
+def _fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, goal: torch.Tensor | None = None,
+                   *, workspace: RolloutWorkspace | None = None, tiles: dict | None = None):
     """The fused Triton rollout (see the module docstring); the same contract as `rollout_reference`.
 
     z0 (N, C, D), actions (N, H, A) (floating; cast to float32 and made contiguous if needed), goal

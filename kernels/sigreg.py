@@ -535,6 +535,9 @@ def fused_ecf_sums(z: torch.Tensor, directions: torch.Tensor, t: torch.Tensor, *
     (fp32 compute only; ~1e-6 absolute error per term instead of ~1 ulp). Off by default: the
     default path is the eager maths. In the interpreter only the range reduction applies."""
     _validate(z, directions, t)
+    if z.is_cuda:  # Triton launches on the current device, whatever the tensors' device
+        with torch.cuda.device(z.device):
+            return FusedECFSums.apply(z, directions, t, bool(fast_trig))
     return FusedECFSums.apply(z, directions, t, bool(fast_trig))
 
 

@@ -75,10 +75,12 @@ def init_distributed(device: str) -> Dist:
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
+    """Host RNGs, plus the training device's CUDA generator. Under DDP every rank is seeded alike and
+    consumes alike, so rank 0's generator state (what the checkpoint holds) is every rank's."""
     st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
     return st
 
 
@@ -119,7 +121,8 @@ def _capturable(opt) -> bool:
     return any(g.get("capturable", False) for g in opt.param_groups)
 
 
-def save_checkpoint(out: Path, model: LeWM, opt, step: int, keep: int, extra: dict) -> Path:
+def save_checkpoint(out: Path, model: LeWM, opt, step: int, keep: int, extra: dict,
+                    device: torch.device = torch.device("cpu")) -> Path:
     """out/checkpoints/step_XXXXXXXX/ with model.safetensors, config.json, optim.safetensors and
     state.json; written to a temporary folder and renamed, then `latest` is updated atomically and
     all but the newest `keep` checkpoints are removed."""
@@ -133,10 +136,10 @@ def save_checkpoint(out: Path, model: LeWM, opt, step: int, keep: int, extra: di
         model.save(tmp_parent / "ckpt", extra=extra)
         tensors, meta = _optim_to_flat(opt, model)
         save_file(tensors, str(tmp_parent / "ckpt" / OPTIM))
-        rng = _rng_state()
+        rng = _rng_state(device)
         rng_t = {"torch": rng["torch"]}
-        for i, s in enumerate(rng.get("cuda", [])):
-            rng_t[f"cuda{i}"] = s
+        if "cuda" in rng:
+            rng_t["cuda"] = rng["cuda"]
         save_file(rng_t, str(tmp_parent / "ckpt" / "rng.safetensors"))
         np_state = rng["numpy"]
         state = {"step": step, "optim": meta,
@@ -190,10 +193,9 @@ def load_checkpoint(path: Path, model: LeWM, opt, device) -> int:
     _optim_from_flat(opt, model, load_file(str(path / OPTIM)), state["optim"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    device = torch.device(device)
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
     n = state["numpy_rng"]
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     p = state["python_rng"]
@@ -217,9 +219,15 @@ class Trainer:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {device}: CUDA is not available on this machine")
         self.dist = init_distributed(device)
+        if cuda_graphs and self.dist.world > 1:
+            raise UserError("--cuda-graphs is single-process for now: capturing a DDP step needs DDP built "
+                            "on the capture stream and 11+ eager iterations first (not verified on a GPU); "
+                            "under torchrun use --compile")
         if device.startswith("cuda") and self.dist.world > 1:
             device = f"cuda:{self.dist.local_rank}"
-            torch.cuda.set_device(device)
+        if device.startswith("cuda"):
+            # the Triton kernels (fused SIGReg) launch on the current device, whatever the tensors'
+            torch.cuda.set_device(torch.device(device))
         self.device = torch.device(device)
         self.compile, self.cuda_graphs, self.progress = compile, cuda_graphs, progress and self.dist.main
         tc, mc = cfg.train, cfg.model
@@ -307,15 +315,17 @@ class Trainer:
                        "lr": torch.zeros((), device=self.device)}
         snap = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         opt_snap = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in self.opt.state.items()}
-        rng = torch.cuda.get_rng_state()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
+        rng = torch.cuda.get_rng_state(self.device)
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             for _ in range(3):
                 self._graph_body()
-        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.current_stream(self.device).wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # "thread_local": the DataLoader's pin-memory thread keeps allocating pinned host memory while
+        # we capture; in the default "global" mode any such call from another thread breaks the capture
+        with torch.cuda.graph(self.graph, stream=s, capture_error_mode="thread_local"):
             self.static_out = self._graph_body()
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
@@ -324,7 +334,7 @@ class Trainer:
                 for k, v in st.items():
                     if torch.is_tensor(v):
                         v.copy_(opt_snap[p][k]) if p in opt_snap and k in opt_snap[p] else v.zero_()
-        torch.cuda.set_rng_state(rng)
+        torch.cuda.set_rng_state(rng, self.device)
 
     def _graph_body(self):
         st = self.static
@@ -391,7 +401,7 @@ class Trainer:
         self.check_finite("before checkpoint")
         return save_checkpoint(self.out, self.model, self.opt, self.step, self.cfg.train.keep,
                                extra={"data": str(self.data_path), "step": self.step,
-                                      "total_steps": self.total_steps})
+                                      "total_steps": self.total_steps}, device=self.device)
 
     def run(self, until: int | None = None) -> dict:
         """Train to the planned total (or stop early at step `until`, with a checkpoint there)."""

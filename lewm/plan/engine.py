@@ -248,13 +248,18 @@ class FastPlanner(Planner):
             raise TypeError(f"noise must be a floating tensor, got {noise.dtype}")
         noise = noise.float()
         if self.use_graph:
-            mean, final = self._plan_graphed(start, goal, noise)
+            # Triton launches on the *current* CUDA device, whatever the tensors' device
+            with torch.cuda.device(self.device):
+                mean, final = self._plan_graphed(start, goal, noise)
+        elif self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                mean, final = self._body(start.to(self.device), goal.to(self.device), noise)
         else:
             mean, final = self._body(start.to(self.device), goal.to(self.device), noise)
         return PlanResult(mean, self.to_raw(mean), final)
 
     def _plan_graphed(self, start, goal, noise):
-        key = (tuple(start.shape), start.dtype, tuple(goal.shape), goal.dtype)
+        key = (tuple(start.shape), start.dtype, tuple(goal.shape), goal.dtype, tuple(noise.shape))
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(start, goal, noise)
@@ -287,7 +292,9 @@ class FastPlanner(Planner):
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # capture on the warm-up stream (one cuBLAS workspace); "thread_local" so that another
+        # thread's CUDA calls (a DataLoader's pin-memory thread, say) cannot invalidate the capture
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             out = self._body(s_start, s_goal, s_noise)
         return graph, s_start, s_goal, s_noise, out
 
