@@ -160,7 +160,14 @@ class H5Writer:
             w.add_episode({"pixels": px, "action": act, "state": st})
 
     Every episode must give the same columns. On an exception inside the `with`, the temporary file
-    is removed and nothing appears under the final name."""
+    is removed and nothing appears under the final name.
+
+    Rows are buffered and written in whole chunks of CHUNK_ROWS, so every chunk is compressed and
+    written exactly once. Writing episodes straight in would rewrite the chunks that straddle episode
+    boundaries, and with the Blosc filter that can corrupt a chunk: when a rewrite of a chunk that
+    HDF5 had already flushed compressed no longer compresses, HDF5 (1.14, via h5py 3.16 and hdf5plugin
+    7.1) stored the raw bytes but kept the chunk's "filtered" mark, so reading it failed with "filter
+    returned failure during read" (seen on a PushT action column; tests/test_data.py keeps the case)."""
 
     def __init__(self, path: str | os.PathLike, attrs: dict | None = None, overwrite: bool = False):
         self.path = Path(path)
@@ -171,7 +178,9 @@ class H5Writer:
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.f = h5py.File(str(self.tmp), "w")
         self.attrs = dict(attrs or {})
-        self.rows = 0
+        self.rows = 0  # rows added (written + pending)
+        self.written = 0  # rows on disk: a multiple of CHUNK_ROWS until close()
+        self.pending: dict[str, list[np.ndarray]] = {}
         self.ep_len: list[int] = []
         self.columns: list[str] | None = None
 
@@ -191,14 +200,28 @@ class H5Writer:
             raise DataError(f"{self.path}: episode columns {sorted(cols)} differ from the first episode's "
                             f"{self.columns}")
         for k in self.columns:
-            a = np.asarray(cols[k])
-            d = self.f[k]
-            d.resize(self.rows + n, axis=0)
-            d[self.rows:self.rows + n] = a.astype(d.dtype, copy=False)
+            self.pending.setdefault(k, []).append(np.asarray(cols[k]).astype(self.f[k].dtype, copy=False))
         self.rows += n
         self.ep_len.append(n)
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """Write the pending rows that fill whole chunks (all of them when `final`)."""
+        n = self.rows - self.written
+        if not final:
+            n = n // CHUNK_ROWS * CHUNK_ROWS
+        if n <= 0 or self.columns is None:
+            return
+        for k in self.columns:
+            buf = np.concatenate(self.pending[k]) if len(self.pending[k]) > 1 else self.pending[k][0]
+            d = self.f[k]
+            d.resize(self.written + n, axis=0)
+            d[self.written:self.written + n] = buf[:n]
+            self.pending[k] = [buf[n:]] if len(buf) > n else []
+        self.written += n
 
     def close(self) -> Path:
+        self._flush(final=True)
         ep_len = np.asarray(self.ep_len, dtype=np.int64)
         ep_offset = np.concatenate([[0], np.cumsum(ep_len)[:-1]]).astype(np.int64) if len(ep_len) else ep_len
         self.f.create_dataset("ep_len", data=ep_len)
