@@ -205,3 +205,22 @@ def test_pusht_action_column_stays_readable(tmp_path):
             if f[k].chunks:
                 for i in range(0, f[k].shape[0], f[k].chunks[0]):
                     f[k][i:i + f[k].chunks[0]]  # raises "filter returned failure" on a corrupt chunk
+
+
+def test_corrupt_chunk_is_named(tmp_path, capsys):
+    """A chunk whose bytes are damaged after writing: training ends with one line naming the column."""
+    import hdf5plugin
+    px, act, L, O = good_columns(n_eps=4, length=50)
+    act = np.round(act)  # compressible, so Blosc stores the chunks compressed
+    p = tmp_path / "corrupt.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("pixels", data=px, chunks=(50, 16, 16, 3))
+        f.create_dataset("action", data=act, chunks=(50, 2), **hdf5plugin.Blosc(cname="lz4"))
+        f.create_dataset("ep_len", data=np.array(L))
+        f.create_dataset("ep_offset", data=np.array(O))
+    with h5py.File(p, "r+") as f:  # replace one compressed chunk by its first 10 bytes
+        mask, raw = f["action"].id.read_direct_chunk((50, 0))
+        assert mask == 0  # the chunk went through the filter
+        f["action"].id.write_direct_chunk((50, 0), raw[:10], mask)
+    code, err = run_train(capsys, p, tmp_path)
+    assert code == 2 and "column 'action'" in err and "unreadable" in err and "corrupt.h5" in err, err

@@ -22,6 +22,16 @@ import torch
 from .format import DataError, DatasetInfo, inspect, open_h5
 
 
+def _read(path, column: str, fn, where: str = ""):
+    """Run an HDF5 read; a failure (a corrupt chunk, a missing compression filter) becomes one
+    DataError naming the file, the column and the rows."""
+    try:
+        return fn()
+    except OSError as e:
+        raise DataError(f"{path}: column '{column}'{' ' + where if where else ''} unreadable (corrupt chunk, or "
+                        f"its compression filter is missing: pip install hdf5plugin): {e}") from None
+
+
 def split_episodes(num_episodes: int, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded split of episode indices into (train, held-out). Training and evaluation use the
     same function, so evaluation's held-out episodes were never trained on."""
@@ -83,7 +93,7 @@ class ClipDataset(torch.utils.data.Dataset):
                             f"model.action_dim = {action_dim}")
         self.A = A
         with open_h5(self.path) as f:
-            raw = np.asarray(f["action"][()], dtype=np.float32)
+            raw = _read(self.path, "action", lambda: np.asarray(f["action"][()], dtype=np.float32))
         self.action_mean, self.action_std = action_stats(raw)
         act = (raw - self.action_mean) / self.action_std
         self.actions = np.nan_to_num(act, nan=0.0).astype(np.float32)  # (N, A) z-scored
@@ -132,7 +142,7 @@ class ClipDataset(torch.utils.data.Dataset):
                 from tqdm import tqdm
                 it = tqdm(it, desc=f"loading {self.path.name}", unit="chunk", leave=False)
             for i in it:
-                block = d[i:i + step]
+                block = _read(self.path, "pixels", lambda: d[i:i + step], f"rows {i}-{min(i + step, n) - 1}")
                 out[i:i + step] = resize_frames(block, size) if size and (H, W) != (size, size) else block
         return out
 
@@ -159,7 +169,7 @@ class ClipDataset(torch.utils.data.Dataset):
     def _read_frames(self, rows: np.ndarray) -> np.ndarray:
         if self._h5 is None:  # opened lazily: one handle per DataLoader worker
             self._h5 = open_h5(self.path)
-        px = self._h5["pixels"][rows]  # rows are increasing: h5py fancy indexing is allowed
+        px = _read(self.path, "pixels", lambda: self._h5["pixels"][rows], f"rows {rows.tolist()}")  # increasing rows
         if self.image_size and px.shape[1:3] != (self.image_size, self.image_size):
             px = resize_frames(px, self.image_size)
         return px
