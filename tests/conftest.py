@@ -63,6 +63,13 @@ def one_torch_thread():
         torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Module-wide one_torch_thread(): `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    with one_torch_thread():
+        yield
+
+
 def _lewm_cache_dir(tmp_path_factory, name):
     from pathlib import Path
     root = os.environ.get("LEWM_TEST_CACHE")

@@ -20,14 +20,9 @@ from lewm.plan.engine import FastPlanner, pack_predictor
 from lewm_kernels import rollout as kr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems on a shared 2-core machine: one intra-op thread avoids OpenMP contention with other
-    processes (measured: the same test 4 s with one thread, up to 19 s with two under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny problems on a shared 2-core machine: one intra-op thread avoids OpenMP contention with other
+# processes (measured: the same test 4 s with one thread, up to 19 s with two under load).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(seed: int = 0, preset: str = "tiny", std: float = 0.3) -> lewm.LeWM:

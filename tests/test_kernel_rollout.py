@@ -27,14 +27,9 @@ ATOL = 2e-5
 RTOL = 2e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems on a shared 2-core machine: one intra-op thread avoids OpenMP contention with other
-    processes (measured: the same test 4 s with one thread, up to 19 s with two under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny problems on a shared 2-core machine: one intra-op thread avoids OpenMP contention with other
+# processes (measured: the same test 4 s with one thread, up to 19 s with two under load).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # dims that are not powers of two (masking paths): D 40, 3 heads x 20, MLP 72, pred_proj 48, action width 15
 ODD = {"embed_dim": 40, "pred_heads": 3, "pred_dim_head": 20, "pred_mlp": 72, "proj_hidden": 48,
