@@ -203,6 +203,22 @@ _PRESETS: dict[str, dict] = {
         "plan": {"samples": 300, "elites": 30, "iterations": 10},
         "data": {"episodes": 1000, "max_steps": 100, "image_size": 32},
     },
+    # PushT at CPU scale, 64 px: measured 18% success (95% CI 10-31%) vs 8% random after 6000 steps
+    # (~24 min on 2 shared cores); linear probes: agent r 0.98, block r 0.91, angle not decodable. A CPU
+    # data point, not the paper's setting (PushT needs the full model: preset "pusht" on a GPU).
+    "pusht-cpu": {
+        "env": "pusht",
+        "model": {
+            "image_size": 64, "patch_size": 8, "enc_width": 96, "enc_depth": 4, "enc_heads": 3,
+            "embed_dim": 64, "proj_hidden": 256, "action_hidden": 128,
+            "pred_depth": 3, "pred_heads": 4, "pred_dim_head": 32, "pred_mlp": 256,
+        },
+        "sigreg": {"num_proj": 256},
+        "train": {"steps": 6000, "batch_size": 32, "lr": 1e-3, "workers": 0, "log_every": 50,
+                  "ckpt_every": 1000},
+        "plan": {"samples": 300, "elites": 30, "iterations": 30},
+        "data": {"episodes": 1000, "max_steps": 150, "image_size": 64},
+    },
 }
 
 
