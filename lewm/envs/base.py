@@ -59,6 +59,13 @@ class Env(abc.ABC):
         """The reference's success rule for the current state and goal."""
 
     # -- helpers with defaults ---------------------------------------------------------------------
+    def _obs(self, render: bool) -> dict:
+        """The observation dict reset/step return: the row's state columns, plus the frame if asked."""
+        obs = self.row()
+        if render:
+            obs["pixels"] = self.render()
+        return obs
+
     @property
     def action_low(self) -> np.ndarray:
         return -np.ones(self.action_dim, np.float32)

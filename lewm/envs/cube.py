@@ -175,12 +175,6 @@ class CubeEnv(Env):
     def success(self) -> bool:
         return float(np.linalg.norm(self.cube_pos() - self.target_pos())) <= SUCCESS_DIST
 
-    def _obs(self, render: bool) -> dict:
-        obs = self.row()
-        if render:
-            obs["pixels"] = self.render()
-        return obs
-
 
 class CubeOracle(Policy):
     """OGBench's Markov oracle for cube pick-and-place (ogbench.manipspace.oracles.markov.

@@ -203,12 +203,6 @@ class PushTEnv(Env):
         pos, ang = self.errors()
         return pos < POS_TOL and ang < ANGLE_TOL
 
-    def _obs(self, render: bool) -> dict:
-        obs = self.row()
-        if render:
-            obs["pixels"] = self.render()
-        return obs
-
 
 # -- the scripted pusher ---------------------------------------------------------------------------
 # Contact candidates on the T's outline in body coordinates: (point, outward normal). The T is a

@@ -176,12 +176,6 @@ class ReacherEnv(Env):
     def success(self) -> bool:
         return bool((self.joint_errors() < JOINT_TOL).all())
 
-    def _obs(self, render: bool) -> dict:
-        obs = self.row()
-        if render:
-            obs["pixels"] = self.render()
-        return obs
-
 
 class ReacherExpert(Policy):
     """A PD controller to the target configuration: a = clip(kp * wrapped error - kd * qvel),

@@ -199,8 +199,3 @@ class TwoRoomEnv(Env):
     def success(self) -> bool:
         return self.distance() < SUCCESS_DIST
 
-    def _obs(self, render: bool) -> dict:
-        obs = self.row()
-        if render:
-            obs["pixels"] = self.render()
-        return obs
