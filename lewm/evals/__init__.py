@@ -36,7 +36,7 @@ def _user_error(msg: str):
 
 
 # -- checkpoints and devices: the same rules as `lewm eval` ----------------------------------------------
-from ..plan.mpc import resolve_checkpoint, resolve_device  # noqa: E402
+from ..plan.mpc import _norm_name as _norm, resolve_checkpoint, resolve_device  # noqa: E402
 
 
 def load_model(model, device: str = "auto"):
@@ -66,10 +66,6 @@ def data_env_name(info, env: str | None) -> str | None:
     if attr is not None and _norm(attr) != _norm(env) and ":" not in attr:
         raise _user_error(f"--env {env}: the data set {info.path} was collected in '{attr}' (its 'env' attribute)")
     return env
-
-
-def _norm(s: str) -> str:
-    return "".join(c for c in str(s).lower() if c.isalnum())
 
 
 def heldout_split(info, cfg, split: str = "heldout") -> tuple[np.ndarray, np.ndarray]:
