@@ -33,6 +33,7 @@ from .cli import UserError
 from .config import Config, preset, preset_names
 from .data.dataset import BatchSampler, ClipDataset, make_loader, split_episodes, steps_per_epoch
 from .model import LeWM
+from .model.jepa import fsync_dir
 from .nvtx import nvtx_range
 from .sigreg import effective_rank
 
@@ -147,9 +148,7 @@ def save_checkpoint(out: Path, model: LeWM, opt, step: int, keep: int, extra: di
                                float(np_state[4])],
                  "python_rng": [rng["python"][0], list(rng["python"][1]), rng["python"][2]]}
         (tmp_parent / "ckpt" / STATE).write_text(json.dumps(state))
-        for f in (tmp_parent / "ckpt").iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        fsync_dir(tmp_parent / "ckpt")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp_parent / "ckpt", final)

@@ -186,7 +186,7 @@ class LeWM(nn.Module):
             if extra:
                 meta.update(extra)
             (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
                 os.replace(path, old)
@@ -230,7 +230,8 @@ class LeWM(nn.Module):
         return model.to(map_location).eval()
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
+    """fsync every file in folder `d`, then the folder itself (before renaming it into place)."""
     for f in d.iterdir():
         if f.is_file():
             with open(f, "rb") as fh:
