@@ -64,6 +64,10 @@ def parse(argv=None):
     ap.add_argument("--no-dinowm", action="store_true", help="skip the DINO-WM-cost planner (d)")
     ap.add_argument("--dinowm-size", choices=["full", "tiny"], default=None,
                     help="DINO-WM-cost model size (default: full; tiny with --quick)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "compile"],
+                    help="FastPlanner backend for (c) (auto: triton + CUDA graph on CUDA, torch on the CPU)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="FastPlanner weight dtype for (c) (bfloat16: loosen --atol, the plan is compared to fp32)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--atol", type=float, default=1e-3, help="max |plan difference| allowed vs (a)")
@@ -120,17 +124,18 @@ def main(argv=None) -> int:
     model = lewm.LeWM(cfg).to(device).eval()
     bu.randomize_predictor(model)
     kw = dict(samples=S, elites=K, iterations=I, horizon=H)
+    fkw = dict(kw, backend=args.backend, dtype=getattr(torch, args.dtype))
     planners = {"(a) reference, re-encode": CEMPlanner.from_config(model, reencode=True, **kw),
                 "(b) reference, encode once": CEMPlanner.from_config(model, **kw)}
     fast_meta = {}
     if device.type == "cuda":
-        fg = FastPlanner.from_config(model, backend="auto", cuda_graph=True, **kw)
-        fn = FastPlanner.from_config(model, backend="auto", cuda_graph=False, **kw)
+        fg = FastPlanner.from_config(model, cuda_graph=True, **fkw)
+        fn = FastPlanner.from_config(model, cuda_graph=False, **fkw)
         planners["(c) fast + CUDA graph"] = fg
         planners["(c) fast, no graph"] = fn
         fast_meta = {"(c) fast + CUDA graph": (fg.backend, True), "(c) fast, no graph": (fn.backend, False)}
     else:
-        fc = FastPlanner.from_config(model, backend="auto", **kw)
+        fc = FastPlanner.from_config(model, **fkw)
         planners["(c) fast"] = fc
         fast_meta = {"(c) fast": (fc.backend, fc.use_graph)}
 

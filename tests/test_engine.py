@@ -255,7 +255,7 @@ def test_gpu_other_backends_in_graph(backend):
 @pytest.mark.gpu
 def test_gpu_timing_smoke():
     """One plan (1 env) and 50 envs at the default config: the fast planner beats the reference and
-    prints its times (the benchmark proper: python -m lewm.plan.engine --preset pusht)."""
+    prints its times (the benchmark proper: python bench/planning_latency.py --device cuda)."""
     m, start, goal = _gpu_setup(E=1)
     ref = CEMPlanner.from_config(m)
     fast = FastPlanner.from_config(m)

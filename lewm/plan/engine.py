@@ -20,32 +20,25 @@ What makes it fast (each step is exact: it computes what the reference computes,
 Backends (`backend=`): "triton" (fused kernels; CUDA, or the CPU under TRITON_INTERPRET=1 for tests),
 "torch" (the plain-PyTorch KV-cache rollout, `rollout_reference`), "compile" (that rollout under
 torch.compile), "auto" (triton + CUDA graph on CUDA; "torch" on the CPU, the fastest CPU option
-measured: see `python -m lewm.plan.engine --help`). Where a choice needs hardware that is missing, the
+measured: profiles/README.md). Where a choice needs hardware that is missing, the
 planner falls back with a one-line notice.
 
 Identical draws: `plan(start, goal, noise)` consumes noise exactly as CEMPlanner does (noise[it] for
 iteration it, candidate 0 = the mean), and with noise=None both planners draw it the same way from
 their seeded generators, so FastPlanner and CEMPlanner with equal seeds see equal noise.
 
-Benchmark (reference CEMPlanner vs FastPlanner on the same noise, plans compared first, runs
-alternated; `--csv` appends a row):
-
-    python -m lewm.plan.engine --preset tworoom-cpu --threads 1 --repeats 7
-    python -m lewm.plan.engine --preset pusht --iterations 3 --threads 1 --repeats 3
-
-Measured on the 2-core CPU development machine (shared, so one thread; torch 2.15, Nov 2026), one
-plan, one env, plans equal to <= 4e-6: tworoom-cpu (300 samples, 10 iterations) 1.4-1.5x (490 -> 319 ms);
-pusht (300 samples, 3 iterations) 1.35x (2.98 -> 2.21 s); pusht at its full 30 iterations 1.36x
-(45.2 -> 33.2 s, noisy under load). On the CPU the planner is GEMM-bound and the
-gain is the FLOP saving (~1.45x at pusht); torch.compile of the rollout ("compile") measured 1.67x at
-tworoom-cpu (eager KV cache: 1.54x in the same session) but costs ~1 min of compilation per shape, so
-"auto" stays eager on the CPU.
+Benchmark: `python bench/planning_latency.py` (reference re-encoding, reference, FastPlanner and a
+DINO-WM-cost planner on the same frames and noise, plans checked first; `--backend`, `--dtype` choose
+the fast planner's options). Measured on the 2-core CPU development machine (torch 2.15, Nov 2026),
+one plan, one env, plans equal: tworoom-cpu (300 samples, 10 iterations) 1.4-1.5x (490 -> 319 ms,
+one thread, shared machine); pusht architecture at a reduced CEM 1.27x vs the reference encoding once
+and 1.67x vs the reference re-encoding (profiles/README.md). On the CPU the planner is GEMM-bound and
+the gain is the FLOP saving (~1.45x at pusht); torch.compile of the rollout ("compile") measured 1.67x
+at tworoom-cpu (eager KV cache: 1.54x in the same session) but costs ~1 min of compilation per shape,
+so "auto" stays eager on the CPU.
 """
 from __future__ import annotations
 
-import argparse
-import sys
-import time
 import warnings
 from collections import OrderedDict
 from dataclasses import replace
@@ -56,7 +49,7 @@ from lewm_kernels import rollout as _kr
 from lewm_kernels.rollout import RolloutWeights, RolloutWorkspace, fused_rollout, rollout_reference
 
 from ..model import LeWM
-from .cem import CEMPlanner, Planner, PlanResult
+from .cem import Planner, PlanResult
 
 BACKENDS = ("auto", "triton", "torch", "compile")
 
@@ -297,124 +290,3 @@ class FastPlanner(Planner):
         with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             out = self._body(s_start, s_goal, s_noise)
         return graph, s_start, s_goal, s_noise, out
-
-
-# ----------------------------------------------------------------------------------------------------
-# CPU / GPU benchmark: reference CEMPlanner vs FastPlanner (python -m lewm.plan.engine)
-# ----------------------------------------------------------------------------------------------------
-
-
-def _timeit_pair(fa, fb, repeats: int, sync) -> tuple:
-    """Times of fa and fb, alternated run by run so that drifting load on a shared machine hits both."""
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, ts in ((fa, ta), (fb, tb)):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-    return ta, tb
-
-
-def main(argv=None) -> int:
-    import lewm
-
-    ap = argparse.ArgumentParser(prog="python -m lewm.plan.engine",
-                                 description="Time one plan: reference CEMPlanner vs FastPlanner (same noise, "
-                                             "plans compared first).")
-    ap.add_argument("--preset", default="tworoom-cpu")
-    ap.add_argument("--iterations", type=int, default=None, help="CEM iterations (default: the preset's)")
-    ap.add_argument("--samples", type=int, default=None)
-    ap.add_argument("--envs", type=int, default=1)
-    ap.add_argument("--backend", default="auto", choices=BACKENDS)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--csv", default=None, help="append one result row to this CSV file")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    cfg = lewm.preset(args.preset)
-    model = lewm.LeWM(cfg).to(args.device).eval()
-    # zero-initialised adaLN makes every block the identity: give the predictor random weights so the
-    # timed rollout does real work and the plans are a meaningful comparison
-    with torch.no_grad():
-        for b in model.predictor.blocks:
-            torch.nn.init.normal_(b.adaLN_modulation[1].weight, std=0.02)
-            torch.nn.init.normal_(b.adaLN_modulation[1].bias, std=0.02)
-    kw = {k: v for k, v in dict(iterations=args.iterations, samples=args.samples).items() if v is not None}
-    ref = CEMPlanner.from_config(model, **kw)
-    fast = FastPlanner.from_config(model, backend=args.backend, dtype=getattr(torch, args.dtype), **kw)
-    S = cfg.model.image_size
-    gen = torch.Generator().manual_seed(args.seed)
-    start = torch.randint(0, 256, (args.envs, S, S, 3), dtype=torch.uint8, generator=gen)
-    goal = torch.randint(0, 256, (args.envs, S, S, 3), dtype=torch.uint8, generator=gen)
-    noise = ref.draw_noise(args.envs)
-    dev = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-
-    # correctness first (also the warm-up: compilation, graph capture)
-    r_ref = ref.plan(start, goal, noise)
-    r_fast = fast.plan(start, goal, noise)
-    d_act = (r_ref.actions - r_fast.actions).abs().max().item()
-    d_cost = ((r_ref.cost - r_fast.cost).abs() / r_ref.cost.abs().clamp_min(1e-6)).max().item()
-    t_ref, t_fast = _timeit_pair(lambda: ref.plan(start, goal, noise), lambda: fast.plan(start, goal, noise),
-                                 args.repeats, sync)
-    med = lambda ts: sorted(ts)[len(ts) // 2]  # noqa: E731
-    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    print(f"device {dev_name}; torch {torch.__version__}; preset {args.preset}, envs {args.envs}, "
-          f"samples {ref.samples}, iterations {ref.iterations}, horizon {ref.horizon}")
-    print(f"fast planner: backend {fast.backend}, dtype {args.dtype}, cuda graph {fast.use_graph}")
-    print(f"plans: max |actions diff| {d_act:.2e}, max relative final-cost diff {d_cost:.2e}")
-    print(f"reference CEMPlanner: median {med(t_ref) * 1e3:.1f} ms  (min {min(t_ref) * 1e3:.1f}, "
-          f"max {max(t_ref) * 1e3:.1f}; {args.repeats} runs)")
-    print(f"FastPlanner         : median {med(t_fast) * 1e3:.1f} ms  (min {min(t_fast) * 1e3:.1f}, "
-          f"max {max(t_fast) * 1e3:.1f}; {args.repeats} runs)")
-    ratios = sorted(a / b for a, b in zip(t_ref, t_fast))
-    print(f"speed-up (median ratio): {med(t_ref) / med(t_fast):.2f}x  (per-pair ratios min {ratios[0]:.2f}, "
-          f"max {ratios[-1]:.2f})")
-    if args.csv:
-        _append_csv(args.csv, dict(
-            date=time.strftime("%Y-%m-%d"), commit=_git_commit(), device=dev_name, torch=torch.__version__,
-            triton=_triton_version(), bench="plan_one", preset=args.preset, envs=args.envs, samples=ref.samples,
-            iterations=ref.iterations, backend=fast.backend, dtype=args.dtype, cuda_graph=fast.use_graph,
-            ref_median_ms=f"{med(t_ref) * 1e3:.3f}", fast_median_ms=f"{med(t_fast) * 1e3:.3f}",
-            fast_min_ms=f"{min(t_fast) * 1e3:.3f}", fast_max_ms=f"{max(t_fast) * 1e3:.3f}",
-            ratio=f"{med(t_ref) / med(t_fast):.3f}", max_action_diff=f"{d_act:.3e}"))
-    return 0
-
-
-def _git_commit() -> str:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return "none"
-
-
-def _append_csv(path: str, row: dict) -> None:
-    import csv
-    import os
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
