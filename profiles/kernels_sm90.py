@@ -351,6 +351,10 @@ def build_rows(configs, plan_iterations: int = 30, points=(1, 2), preset: str = 
 
 
 def _commit() -> str:
+    """The commit of the kernels and planner recorded (LEWM_COMMIT overrides it: for a run on an
+    exported tree); '+dirty' when kernels/ or lewm/ have uncommitted changes."""
+    if os.environ.get("LEWM_COMMIT"):
+        return os.environ["LEWM_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip() + ("+dirty" if _dirty() else "")
@@ -364,7 +368,8 @@ def _dirty() -> bool:
     return bool(r.stdout.strip())
 
 
-def print_table(rows, out=sys.stdout):
+def print_table(rows, out=None):
+    out = out or sys.stdout
     hdr = ["config", "kernel", "tag", "grid", "ctas", "waves", "regs", "spills", "stack", "smem", "warps", "mma",
            "launches/plan"]
     tab = [[r["config"], r["kernel"], str(r["tag"])[:26], r["grid"], r["ctas"], r["waves"], r["regs"], r["spills"],

@@ -231,6 +231,12 @@ def legacy_shim():
     `_utils.launch` (see the module docstring), and let the rollout's wrapper accept CPU tensors
     while recording. A no-op for modules that already launch through `_utils.launch`."""
     import triton
+    kinds = [triton.runtime.jit.JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        kinds.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover
+        pass
     patches = []  # (obj, attr, old)
     try:
         for name in KERNEL_MODULES:
@@ -241,7 +247,7 @@ def legacy_shim():
             if module_uses_launch(mod):
                 continue
             for attr, val in list(vars(mod).items()):
-                if isinstance(val, triton.runtime.jit.JITFunction) and attr in _LEGACY_COSTS:
+                if isinstance(val, tuple(kinds)) and attr in _LEGACY_COSTS:
                     patches.append((mod, attr, val))
                     setattr(mod, attr, _LegacyKernel(val, attr))
             if name.endswith("rollout") and hasattr(mod, "_check_inputs"):
