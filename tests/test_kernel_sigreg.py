@@ -24,6 +24,9 @@ from lewm_kernels.sigreg import (SIGRegFused, ecf_sums_reference, fused_ecf_sums
 
 RTOL, ATOL = 1e-5, 1e-5
 
+# Tests that run the kernels on CPU tensors (the Triton interpreter): skipped on a CUDA machine.
+interp = pytest.mark.interp
+
 
 def _max_err(x, ref):
     return (x.double() - ref.double()).abs().max().item()
@@ -68,6 +71,7 @@ SHAPES = [
 ]
 
 
+@interp
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dD%dM%dK%d" % s)
 def test_forward_and_gradients_match_reference(shape):
     T, B, D, M, K = shape
@@ -83,6 +87,7 @@ def test_forward_and_gradients_match_reference(shape):
     assert_close_scaled(da, da_ref, what="d_directions")
 
 
+@interp
 @pytest.mark.parametrize("shape", [(1, 9, 16, 24, 17), (2, 17, 32, 40, 7)],
                          ids=lambda s: "T%dB%dD%dM%dK%d" % s)
 def test_range_reduced_path(shape):
@@ -110,6 +115,7 @@ def test_reference_matches_lewm_reference():
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+@interp
 def test_only_one_output_used_and_partial_requires_grad():
     """Autograd hands a zero gradient for the unused output; only z needs a gradient here."""
     z, a, t = _inputs(1, 7, 16, 24, 17)
@@ -126,6 +132,7 @@ def test_only_one_output_used_and_partial_requires_grad():
     assert_close_scaled(a1.grad, a2.grad, what="dA (cos only)")
 
 
+@interp
 def test_gradcheck_float64():
     """The kernels run in fp64 when an input is fp64 (tl.dot and cos/sin in fp64), so torch's
     gradcheck applies. fast_mode (random projections of the Jacobian) keeps it to ~1 s here."""
@@ -138,6 +145,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda z, a: fused_ecf_sums(z, a, t), (z, a), fast_mode=True)
 
 
+@interp
 def test_float32_finite_differences():
     """A direct finite-difference check in fp32 (loose: fp32 differences of sums of ~B terms)."""
     z, a, t = _inputs(1, 5, 16, 16, 5)
@@ -166,6 +174,7 @@ def test_float32_finite_differences():
                                            (torch.bfloat16, torch.float32),
                                            (torch.float32, torch.float64)],
                          ids=["fp16", "bf16", "bf16-z-fp32-A", "fp32-z-fp64-A"])
+@interp
 def test_input_dtypes(dtype, a_dtype):
     """16-bit and mixed inputs: same quantised values as the reference, fp32 maths, fp32 sums (the
     compute dtype follows z, as in lewm); gradients come back in the input dtypes. (fp16 runs tl.dot
@@ -185,6 +194,7 @@ def test_input_dtypes(dtype, a_dtype):
     assert_close_scaled(da, da_ref, rtol=1e-2 if a_dtype != torch.float32 else RTOL, what="dA")
 
 
+@interp
 def test_strided_inputs():
     """(T, B, D) views of (B, T, D) embeddings (what lewm.sigreg passes) and transposed directions."""
     zb = torch.randn(9, 2, 24, generator=torch.Generator().manual_seed(4))
@@ -201,6 +211,7 @@ def test_strided_inputs():
     assert_close_scaled(fused_ecf_sums(z_odd, a, t)[0], ecf_sums_reference(z_odd, a, t)[0])
 
 
+@interp
 def test_sigreg_statistic_triton_equals_eager():
     """The full statistic through lewm (sigreg_tbd and the public (B, T, D) sigreg), and the
     SIGRegFused module, equal the eager path, value and gradients."""
@@ -272,47 +283,230 @@ def test_block_sizes_respect_dot_minimum(interpreted):
         assert cfg["fwd"]["BLOCK_K"] >= K
 
 
-_AOT_SCRIPT = r"""
-import os
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import lewm_kernels.sigreg as ks
-assert not ks._INTERPRETED
-cfg = ks._block_sizes(4, 128, 192, 1024, 17, False)
-for zdt, ieee, fast in [("fp32", True, False), ("bf16", False, False), ("fp32", True, True)]:
-    common = dict(IEEE=ieee, REDUCE=fast, FAST_TRIG=fast, COMPUTE_DTYPE=tl.float32)
-    for kern, ptrs, blocks in [
-        (ks._ecf_sums_fwd_kernel, ("Z", "A", "KNOTS", "COS_OUT", "SIN_OUT"), cfg["fwd"]),
-        (ks._ecf_sums_bwd_kernel, ("Z", "A", "KNOTS", "GRAD_COS", "GRAD_SIN", "DH"), cfg["bwd"]),
-    ]:
-        consts = dict(blocks, **common)
-        sig = {n: ("*" + (zdt if n in ("Z", "A") else "fp32")) if n in ptrs
-               else ("constexpr" if n in consts else "i32") for n in kern.arg_names}
-        k = triton.compile(ASTSource(kern, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": cfg["num_warps"]})
-        assert ("cos.approx" in k.asm["ptx"]) == fast
-print("compiled")
-"""
+# ----------------------------------------------------------------------------------------------------
+# B split across programs (deterministic partial sums), cached knots, the angle recurrence
+# ----------------------------------------------------------------------------------------------------
 
 
-def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+def _small_b_blocks(monkeypatch, block_b=16, block_m=64):
+    """Force the GPU-style B split in the interpreter: BLOCK_B = 16, so B = 33 gives three B blocks
+    (pass 1 writes partials, pass 2 reduces them)."""
+    real = ks._block_sizes
+
+    def sizes(T, B, D, M, K, interpreted):
+        cfg = real(T, B, D, M, K, interpreted)
+        for part in ("fwd", "bwd"):
+            cfg[part] = dict(cfg[part], BLOCK_B=block_b, BLOCK_M=min(cfg[part]["BLOCK_M"], block_m))
+        return cfg
+    monkeypatch.setattr(ks, "_block_sizes", sizes)
+
+
+@interp
+@pytest.mark.parametrize("shape", [(2, 33, 24, 40, 17), (1, 17, 16, 24, 5), (1, 32, 16, 16, 17)],
+                         ids=lambda s: "T%dB%dD%dM%dK%d" % s)
+def test_b_split_matches_reference_and_is_deterministic(shape, monkeypatch):
+    """Several B blocks (odd B: a partial last block; B a multiple of the block: none), the fixed-order
+    reduction of the partials, and two runs bitwise equal (outputs and both gradients)."""
+    _small_b_blocks(monkeypatch)
+    T, B, D, M, K = shape
+    z, a, t = _inputs(*shape)
+    gc, gs = _upstream(T, M, K)
+    from lewm_kernels import _utils
+    runs = []
+    for _ in range(2):
+        # recording while running: the launches are checked, and the GPU's tile sizes are used
+        with _utils.record_launches(execute=True) as rec:
+            runs.append(_grads(fused_ecf_sums, z, a, t, gc, gs))
+        names = [r.name for r in rec]
+        assert names == ["_ecf_sums_fwd_kernel", "_ecf_sums_reduce_kernel", "_ecf_sums_bwd_kernel"], names
+        assert rec[0].grid[1] == -(-B // 16) > 1
+    run1, run2 = runs
+    ref = _grads(ecf_sums_reference, z, a, t, gc, gs)
+    for x1, x2, r, name in zip(run1, run2, ref, ("cos", "sin", "dz", "dA")):
+        assert torch.equal(x1, x2), f"{name}: two runs differ"
+        assert_close_scaled(x1, r, what=name)
+
+
+def test_launches_recorded_on_meta_tensors_at_the_target_size():
+    """The wrapper walked on meta tensors while recording (no device checks, nothing runs): the
+    launches of one forward + backward at the target size, GPU tiles, costs attached, and a grid that
+    fills a 132-SM GPU several times."""
+    from lewm_kernels import _utils
+    T, B, D, M, K = 4, 128, 192, 1024, 17
+    with _utils.record_launches(execute=False) as rec:
+        z = torch.empty(T, B, D, device="meta").requires_grad_()
+        a = torch.empty(D, M, device="meta").requires_grad_()
+        t, w, phi = knots_and_weights(K, device="meta")
+        c, s = fused_ecf_sums(z, a, t)
+        statistic_from_sums(c, s, B, w, phi).backward()
+    assert [r.name for r in rec] == ["_ecf_sums_fwd_kernel", "_ecf_sums_reduce_kernel", "_ecf_sums_bwd_kernel"]
+    fwd, red, bwd = rec
+    assert fwd.meta["RECUR"] and fwd.meta["POLY"] and not fwd.meta["FAST_TRIG"]
+    assert fwd.ctas >= 3 * 132 and bwd.ctas >= 3 * 132, (fwd.grid, bwd.grid)
+    for r in rec:
+        assert set(r.cost) >= {"flops", "hbm_bytes", "l2_bytes"} and r.cost["hbm_bytes"] > 0
+    # the forward's workspace is a few % of one (T, B, M, K) fp32 tensor
+    assert 2 * fwd.grid[1] * T * K * M * 4 < 0.1 * T * B * M * K * 4
+
+
+def test_knots_are_cached_per_device_dtype_and_count():
+    t1, w1, p1 = knots_and_weights(17, 3.0)
+    t2, w2, p2 = knots_and_weights(17, 3.0, device="cpu", dtype=torch.float32)
+    assert t1 is t2 and w1 is w2 and p1 is p2
+    fresh = ks._build_knots(17, 3.0, torch.device("cpu"), torch.float32)
+    for x, y in zip((t1, w1, p1), fresh):
+        assert torch.equal(x, y)
+    t64, _, _ = knots_and_weights(17, 3.0, dtype=torch.float64)
+    assert t64 is not t1 and t64.dtype == torch.float64
+    assert knots_and_weights(9, 3.0)[0] is not t1 and knots_and_weights(17, 2.0)[0] is not t1
+    from lewm.sigreg import knots_and_weights as lewm_knots
+    for x, y in zip(knots_and_weights(17, 3.0), lewm_knots(17, 3.0)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # knots first built under inference_mode still serve autograd later
+    with torch.inference_mode():
+        t_inf, w_inf, _ = knots_and_weights(13, 2.5)
+    assert not t_inf.is_inference()
+    x = torch.ones(13, requires_grad=True)
+    (x * w_inf).sum().backward()
+
+
+def test_equally_spaced_knots_are_recognised():
+    t, _, _ = knots_and_weights(11, 3.0)
+    assert ks._uniform_from_zero(t)
+    assert ks._uniform_from_zero(torch.linspace(0, 2.0, 7))  # CPU: checked by value
+    assert not ks._uniform_from_zero(torch.tensor([0.0, 0.5, 1.5]))
+    assert not ks._uniform_from_zero(torch.tensor([0.5, 1.0, 1.5]))  # not from zero
+    assert not ks._uniform_from_zero(torch.tensor([0.0]))
+    # an in-place change of a cached tensor costs it the fast path (version counter)
+    t_mod, _, _ = knots_and_weights(5, 1.25)
+    t_mod.add_(0.0)
+    assert ks._UNIFORM_KNOTS[id(t_mod)][1] != t_mod._version
+    t_mod[2] = 0.7
+    assert not ks._uniform_from_zero(t_mod)
+
+
+@interp
+def test_general_knots_path():
+    """Knots that are not equally spaced from zero: one cos/sin per knot (no recurrence)."""
+    z, a, _ = _inputs(2, 9, 16, 24, 5)
+    t = torch.tensor([0.1, 0.4, 0.45, 1.7, 2.9])
+    assert not ks._uniform_from_zero(t)
+    gc, gs = _upstream(2, 24, 5)
+    for got, ref, name in zip(_grads(fused_ecf_sums, z, a, t, gc, gs),
+                              _grads(ecf_sums_reference, z, a, t, gc, gs), ("cos", "sin", "dz", "dA")):
+        assert_close_scaled(got, ref, what=name)
+
+
+@interp
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the NaN / inf inputs
+def test_sincos_poly_accuracy():
+    """The fp32 sincos (Cody-Waite + polynomials) against float64 cos / sin of the same fp32 inputs:
+    about one ulp of 1 over SIGReg's range and far beyond (where the reduction stays exact)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _k(X, C, S, N, BLOCK: tl.constexpr):
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = o < N
+        c, s = ks._sincos_poly(tl.load(X + o, mask=m))
+        tl.store(C + o, c, mask=m)
+        tl.store(S + o, s, mask=m)
+
+    x = torch.cat([torch.linspace(-4, 4, 20001), torch.linspace(-300, 300, 20001),
+                   torch.linspace(-12000, 12000, 20001), torch.tensor([0.0, -0.0, 1e-30])])
+    c, s = torch.empty_like(x), torch.empty_like(x)
+    _k[(triton.cdiv(x.numel(), 16384),)](x, c, s, x.numel(), BLOCK=16384)
+    xd = x.double()
+    assert (c.double() - xd.cos()).abs().max().item() < 1.5e-7
+    assert (s.double() - xd.sin()).abs().max().item() < 1.5e-7
+    assert torch.isnan(torch.stack(_k_nan(_k))).all()
+
+
+def _k_nan(kernel):
+    import triton
+    x = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    c, s = torch.empty_like(x), torch.empty_like(x)
+    kernel[(1,)](x, c, s, 3, BLOCK=16)
+    return c, s
+
+
+@interp
+def test_angle_recurrence_accuracy_vs_float64():
+    """The recurrence against a float64 reference from the same fp32 inputs, at the knot where its
+    error is largest (the last), on SIGReg-like angles (h ~ N(0, 1) scaled up to 3, so t_k h reaches
+    tens of radians): the kernel's error is within twice eager fp32's, plus 1e-6 of the sums' scale
+    (the GPU tests' rule)."""
+    T, B, D, M, K = 1, 64, 32, 64, 17
+    z, a, t = _inputs(T, B, D, M, K)
+    z = z * 3.0
+    fused = fused_ecf_sums(z, a, t)
+    eager = ecf_sums_reference(z, a, t)
+    ref = ecf_sums_reference(z.double(), a.double(), t.double())
+    for k_, e_, r_, name in zip(fused, eager, ref, ("cos", "sin")):
+        err_k = (k_.double() - r_).abs()[..., -1].max().item()
+        err_e = (e_.double() - r_).abs()[..., -1].max().item()
+        assert err_k <= 2 * err_e + 1e-6 * r_.abs().max().item(), (name, err_k, err_e)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sm_90 builds without a GPU: every specialisation of one step, 0 spills, tensor-core MMA for bf16
+# ----------------------------------------------------------------------------------------------------
+
+
+def _sigreg_model():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "bench" / "sigreg_model.py"
+    spec = importlib.util.spec_from_file_location("sigreg_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_sm90_rows(sm, rows):
+    by = {}
+    for r in rows:
+        for v in r["variant"].split(","):
+            by.setdefault(v, {})[r["kernel"]] = r
+    report = "\n" + sm.format_rows(rows)
+    for v in sm.VARIANTS:
+        assert set(by[v]) == {"_ecf_sums_fwd_kernel", "_ecf_sums_reduce_kernel", "_ecf_sums_bwd_kernel"}, report
+    for v in sm.NO_SPILL_VARIANTS:
+        for r in by[v].values():
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, report
+            assert r["local"] == 0 and 0 < r["regs"] <= 255, report
+    for name in ("_ecf_sums_fwd_kernel", "_ecf_sums_bwd_kernel"):
+        assert any(m in by["bf16"][name]["mma"] for m in ("HMMA", "HGMMA")), report
+        assert by["fp64"][name]["mma"] == "DMMA" or by["fp64"][name]["dfma"] > 0, report
+        assert by["fp32"][name]["mufu"] == 0, report  # no libdevice sin/cos left
+        assert by["fp32-fast_trig"][name]["mufu"] > 0, report
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter does not check what the compiler does (constexpr-only globals, operand dtypes
-    of tl.dot, tile-size minimums): compile both kernels for sm_90 (Hopper) ahead of time, in a
-    process without TRITON_INTERPRET, for the fp32, bf16 and fast_trig variants at the target size."""
-    import os
-    import subprocess
+    of tl.dot, tile-size minimums, register pressure): compile every kernel specialisation that one
+    forward + backward launches (recorded through the real wrapper on meta tensors, for fp32, bf16 z
+    with fp32 directions, bf16, fast_trig and fp64) for sm_90, in a process without TRITON_INTERPRET,
+    with the installed triton; no spills in any but the fp64 (gradcheck) kernels, tensor-core MMA
+    for bf16, no libdevice sin/cos in the fp32 default."""
     import sys
     pytest.importorskip("triton.backends.nvidia")
-    script = tmp_path / "aot.py"
-    script.write_text(_AOT_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    sm = _sigreg_model()
+    if not sm.have_ptxas():
+        pytest.skip("this triton wheel ships no ptxas / cuobjdump")
+    _check_sm90_rows(sm, sm.compile_with(sys.executable, sm.step_specs()))
 
+
+def test_kernels_compile_for_sm90_with_another_triton():
+    """The same with another triton (the GPU machines' 3.6) installed in its own interpreter, named by
+    LEWM_EXTRA_TRITON_PYTHON (e.g. a venv with `pip install triton==3.6.0 numpy`; no torch needed)."""
+    import os
+    py = os.environ.get("LEWM_EXTRA_TRITON_PYTHON")
+    if not py or not os.path.exists(py):
+        pytest.skip("set LEWM_EXTRA_TRITON_PYTHON to an interpreter with another triton")
+    sm = _sigreg_model()
+    _check_sm90_rows(sm, sm.compile_with(py, sm.step_specs()))
 
 # ----------------------------------------------------------------------------------------------------
 # GPU (skipped without CUDA): accuracy against float64 in the input dtype, and the target size
@@ -326,7 +520,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
                          ids=["fp32", "bf16-z-fp32-A", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 33, 48, 100, 17), (4, 128, 192, 1024, 17)],
                          ids=["awkward", "target"])
-@pytest.mark.parametrize("fast_trig", [False, True], ids=["libdevice", "fast-trig"])
+@pytest.mark.parametrize("fast_trig", [False, True], ids=["default", "fast-trig"])
 def test_cuda_accuracy_vs_float64(shape, dtype, a_dtype, fast_trig):
     """Flash-attention rule: the kernel's error against float64 (computed from the same quantised
     inputs) is at most twice eager PyTorch's in the same dtype, plus a small atol: 1e-6 of the
@@ -371,10 +565,24 @@ def _time_ms(fn, iters=50):
 
 
 @pytest.mark.gpu
+def test_cuda_deterministic_at_target_size():
+    """B split across CTAs with fixed-order partial sums: two runs are bitwise equal on the GPU."""
+    T, B, D, M, K = 4, 128, 192, 1024, 17
+    z, a, t = _inputs(T, B, D, M, K, device="cuda")
+    gc, gs = _upstream(T, M, K, device="cuda")
+    r1 = _grads(fused_ecf_sums, z, a, t, gc, gs)
+    r2 = _grads(fused_ecf_sums, z, a, t, gc, gs)
+    for x1, x2, name in zip(r1, r2, ("cos", "sin", "dz", "dA")):
+        assert torch.equal(x1, x2), name
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_target_size_memory_and_speed(dtype):
-    """T=4, B=128, D=192, M=1024, K=17: the fused forward + backward never allocates anything near the
-    (T, B, M, K) fp32 tensor (35.7 MB) that eager builds, and is not slower than eager."""
+    """T=4, B=128, D=192, M=1024, K=17: the fused forward + backward allocates under 5 % of what eager
+    allocates beyond the shared inputs and outputs (eager builds several (T, B, M, K) tensors), and is
+    at least 5x faster than eager, called eagerly (issue 10's targets; the modelled figures are in
+    profiles/sigreg_model.csv)."""
     T, B, D, M, K = 4, 128, 192, 1024, 17
     z, a, t = _inputs(T, B, D, M, K, dtype=dtype, a_dtype=torch.float32, device="cuda")
     z.requires_grad_()
@@ -385,13 +593,17 @@ def test_cuda_target_size_memory_and_speed(dtype):
         c, s = fn(z, a, t)
         torch.autograd.grad((c * gc).sum() + (s * gs).sum(), (z, a))
 
-    step(fused_ecf_sums)  # compile
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step(fused_ecf_sums)
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    def extra_bytes(fn):
+        step(fn)  # compile / warm the allocator
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(fn)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    extra = extra_bytes(fused_ecf_sums)
+    eager_extra = extra_bytes(ecf_sums_reference)
     big = T * B * M * K * 4
     assert extra < big / 4, f"fused fwd+bwd allocated {extra / 2**20:.1f} MiB (eager tensor {big / 2**20:.1f} MiB)"
 
@@ -404,6 +616,9 @@ def test_cuda_target_size_memory_and_speed(dtype):
     eager_fwd_ms = _time_ms(lambda: ecf_sums_reference(z.detach(), a.detach(), t))
     print(f"\n[sigreg {dtype} {torch.cuda.get_device_name()}] fwd: fused {fwd_ms * 1e3:.1f} us, "
           f"fast_trig {fast_fwd_ms * 1e3:.1f} us, eager {eager_fwd_ms * 1e3:.1f} us; fwd+bwd: fused "
-          f"{fused_ms * 1e3:.1f} us, fast_trig {fast_ms * 1e3:.1f} us, eager {eager_ms * 1e3:.1f} us; "
-          f"extra memory {extra / 2**20:.2f} MiB")
+          f"{fused_ms * 1e3:.1f} us, fast_trig {fast_ms * 1e3:.1f} us, eager {eager_ms * 1e3:.1f} us "
+          f"(ratio {eager_ms / fused_ms:.1f}x); extra memory {extra / 2**20:.2f} MiB, eager "
+          f"{eager_extra / 2**20:.1f} MiB")
     assert fused_ms <= 1.5 * eager_ms, f"fused {fused_ms:.3f} ms slower than eager {eager_ms:.3f} ms"
+    assert extra < 0.05 * eager_extra, f"fused {extra / 2**20:.2f} MiB vs eager {eager_extra / 2**20:.1f} MiB"
+    assert eager_ms >= 5 * fused_ms, f"fused {fused_ms * 1e3:.1f} us vs eager {eager_ms * 1e3:.1f} us"
