@@ -37,6 +37,31 @@ def knots_and_weights(knots: int = 17, t_max: float = 3.0, device=None, dtype=to
     return t.to(dtype), w.to(dtype), phi.to(dtype)
 
 
+_KNOTS_CACHE: dict = {}  # (device, dtype, knots, t_max) -> (t, w, phi)
+
+
+def cached_knots_and_weights(knots: int, t_max: float, device, dtype, impl: str = "eager"):
+    """knots_and_weights, computed once per (device, dtype, knots, t_max) instead of at every step
+    (treat the tensors as read-only). For impl="triton" the fused kernels' own cache is used: the
+    kernels recognise those tensors as equally spaced knots and take their fast path. Not cached
+    while torch.compile traces or a CUDA graph is captured (then built as before)."""
+    if impl == "triton":
+        from lewm_kernels.sigreg import knots_and_weights as kernel_knots
+        return kernel_knots(knots, t_max, device=device, dtype=dtype)
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = (dev, dtype, int(knots), float(t_max))
+    hit = _KNOTS_CACHE.get(key)
+    if hit is not None:
+        return hit
+    if torch.compiler.is_compiling() or (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return knots_and_weights(knots, t_max, device=dev, dtype=dtype)
+    with torch.inference_mode(False), torch.no_grad():  # usable later with and without autograd
+        hit = _KNOTS_CACHE[key] = knots_and_weights(knots, t_max, device=dev, dtype=dtype)
+    return hit
+
+
 def step_seed(seed: int, step: int) -> int:
     """A 63-bit seed for step `step`: the same on every rank, computed on the host with no
     device synchronisation (both numbers are Python ints)."""
@@ -131,9 +156,9 @@ def sigreg_tbd(z: torch.Tensor, directions: torch.Tensor, knots: int = 17, t_max
 
 def _sigreg_tbd(z, directions, knots, t_max, impl, distributed):
     T, B, D = z.shape
-    t, w, phi = knots_and_weights(knots, t_max, device=z.device, dtype=_acc_dtype(z))
     if impl == "auto":
         impl = "triton" if z.is_cuda else "eager"
+    t, w, phi = cached_knots_and_weights(knots, t_max, z.device, _acc_dtype(z), impl)
     if impl == "triton":
         cos_sum, sin_sum = _fused_sums(z, directions, t)
     elif impl == "eager":
