@@ -10,7 +10,13 @@
 
 all with the same CEM (samples, elites, iterations, horizon) in one process. Before any timing, the
 plans of (b) and (c) are compared with (a)'s on identical noise and a mismatch ends the run with exit
-status 1; (d) must run and give finite costs. Then the planners are timed alternately (warm-up first),
+status 1; (d) must run and give finite costs. fp32 plans must equal (a)'s (max |action difference|
+<= --atol). A bfloat16 fast planner (--dtype bfloat16) cannot: bf16 rounding changes which candidates
+are elites from the first iteration on, so its plan is a different, equally good plan. It is checked
+by the fp32 reference model's cost of the plan instead: the bf16 plan rolled out with the fp32 model
+(terminal cost against the goal) must cost at most max(--cost-rtol x (a)'s plan's cost, (a)'s cost +
+--cost-spread x the spread (p90 - p10) of the costs of random plans from the CEM's initial
+distribution), per environment. Both checks are printed. Then the planners are timed alternately (warm-up first),
 and the table gives the median, p10 and p90 per plan, the ratios against (a) and (d)'s ratio to ours,
 the counted GFLOP per plan and the compute floor at this device's measured GEMM rate.
 
@@ -31,6 +37,7 @@ Rows are appended to profiles/planning_latency.csv (or --csv PATH).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +50,8 @@ import benchutil as bu  # noqa: E402
 CSV_FIELDS = bu.COMMON_FIELDS + [
     "preset", "samples", "elites", "iterations", "horizon", "envs", "planner", "backend", "cuda_graph",
     "median_ms", "p10_ms", "p90_ms", "per_env_ms", "ratio_vs_reference", "ratio_dinowm_vs_this", "gflop_per_plan",
-    "compute_floor_ms", "weight_mb_per_plan", "byte_floor_ms", "gemm_gflops", "repeats", "check"]
+    "compute_floor_ms", "weight_mb_per_plan", "byte_floor_ms", "gemm_gflops", "repeats", "check",
+    "dtype", "ref_model_cost", "ref_model_cost_limit"]
 
 CPU_DEFAULTS = {"samples": 6, "elites": 2, "iterations": 2}
 QUICK = {"preset": "tiny", "samples": 16, "elites": 4, "iterations": 2}
@@ -67,10 +75,16 @@ def parse(argv=None):
     ap.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "compile"],
                     help="FastPlanner backend for (c) (auto: triton + CUDA graph on CUDA, torch on the CPU)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="FastPlanner weight dtype for (c) (bfloat16: loosen --atol, the plan is compared to fp32)")
+                    help="FastPlanner weight dtype for (c) (bfloat16: checked by the reference model's cost of the "
+                         "plan, see above)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--atol", type=float, default=1e-3, help="max |plan difference| allowed vs (a)")
+    ap.add_argument("--atol", type=float, default=1e-3, help="max |plan difference| allowed vs (a) (fp32 plans)")
+    ap.add_argument("--cost-rtol", type=float, default=1.05,
+                    help="bf16 plans: the fp32 model's cost of the plan may be this factor x (a)'s plan's cost")
+    ap.add_argument("--cost-spread", type=float, default=0.05,
+                    help="... or (a)'s cost + this fraction of the random plans' cost spread, whichever is larger")
+    ap.add_argument("--random-plans", type=int, default=64, help="random plans per env for the cost spread")
     ap.add_argument("--csv", default=str(bu.PROFILES / "planning_latency.csv"),
                     help="CSV file to append to ('' = none)")
     ap.add_argument("--quick", action="store_true", help="toy sizes for the smoke test (tiny preset, tiny DINO-WM)")
@@ -101,6 +115,64 @@ def resolve(args, device):
     drep = args.dinowm_repeats or min(repeats, 3)
     dsize = args.dinowm_size or ("tiny" if args.quick else "full")
     return cfg, preset, samples, elites, iterations, repeats, drep, dsize
+
+
+class RefModelCost:
+    """The fp32 reference model's terminal cost of a plan: the plan's actions rolled out from the
+    encoded start frame, squared L2 to the encoded goal (lewm.plan.cem.terminal_cost), per env.
+    The limit is per env: max(rtol x (a)'s plan's cost, (a)'s cost + spread_frac x (p90 - p10) of the
+    costs of `n_random` plans drawn from the CEM's initial distribution N(0, var_scale^2))."""
+
+    def __init__(self, model, start, goal, ref_actions, planner, n_random: int, rtol: float, spread_frac: float,
+                 seed: int):
+        from lewm.plan.cem import terminal_cost
+        self._tc = terminal_cost
+        self.model = model
+        with torch.no_grad():
+            self.z0, self.zg = model.encode(start), model.encode(goal)
+        self.ref_cost = self.cost(ref_actions)
+        E = ref_actions.shape[0]
+        g = torch.Generator(device="cpu").manual_seed(seed + 7)
+        rnd = torch.randn((E, max(2, n_random)) + tuple(ref_actions.shape[1:]), generator=g) * planner.var_scale
+        with torch.no_grad():
+            rc = self._tc(model, self.z0, self.zg, rnd.to(ref_actions.device)).float()  # (E, R)
+        q = torch.quantile(rc, torch.tensor([0.1, 0.9], device=rc.device), dim=1)
+        self.spread = q[1] - q[0]
+        self.limit = torch.maximum(rtol * self.ref_cost, self.ref_cost + spread_frac * self.spread)
+
+    @torch.no_grad()
+    def cost(self, actions: torch.Tensor) -> torch.Tensor:
+        return self._tc(self.model, self.z0, self.zg, actions.float()[:, None])[:, 0].float()
+
+    def ok(self, c: torch.Tensor) -> bool:
+        return bool(torch.isfinite(c).all()) and bool((c <= self.limit).all())
+
+    def ratio(self, c: torch.Tensor) -> str:
+        r = c / self.ref_cost.clamp_min(1e-12)
+        return f"{r.max().item():.3f}x" if r.numel() == 1 else f"max {r.max().item():.3f}x"
+
+    @staticmethod
+    def fmt(c: torch.Tensor) -> str:
+        c = c.float()
+        return f"{c.item():.4g}" if c.numel() == 1 else f"mean {c.mean().item():.4g} (max {c.max().item():.4g})"
+
+
+def extend_header(path, fields) -> None:
+    """A CSV whose header is a prefix of `fields` (columns were added at the end) gets the new header
+    in place; its old rows simply lack the new columns."""
+    import csv
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] == fields or rows[0] != fields[:len(rows[0])]:
+        return
+    rows[0] = list(fields)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -147,13 +219,28 @@ def main(argv=None) -> int:
 
     # -- correctness first: every timed path against (a), same frames, same noise (also the warm-up) ------
     ref = planners["(a) reference, re-encode"].plan(start, goal, noise)
-    checks, failed = {}, []
+    judge = RefModelCost(model, start, goal, ref.actions, planners["(b) reference, encode once"],
+                         args.random_plans, args.cost_rtol, args.cost_spread, args.seed)
+    print(f"reference-model cost: (a)'s plan {judge.fmt(judge.ref_cost)}, random plans' spread (p90 - p10) "
+          f"{judge.fmt(judge.spread)}, limit for bf16 plans {judge.fmt(judge.limit)} "
+          f"(max({args.cost_rtol:g} x (a), (a) + {args.cost_spread:g} x spread))")
+    checks, failed, ref_costs = {}, [], {}
     for name, p in planners.items():
         r = ref if name.startswith("(a)") else p.plan(start, goal, noise)
         d_act = (r.actions - ref.actions).abs().max().item()
         d_cost = ((r.cost - ref.cost).abs() / ref.cost.abs().clamp_min(1e-6)).max().item()
-        ok = d_act <= args.atol and d_cost <= max(args.atol, 1e-3) and bool(torch.isfinite(r.actions).all())
-        checks[name] = f"max|da|={d_act:.1e} rel.cost={d_cost:.1e}"
+        finite = bool(torch.isfinite(r.actions).all())
+        c_plan = judge.cost(r.actions)
+        ref_costs[name] = c_plan
+        by_cost = name in fast_meta and args.dtype != "float32"
+        if by_cost:  # bf16: a different plan, judged by what the fp32 model says it costs
+            ok = finite and judge.ok(c_plan)
+            checks[name] = (f"ref-model cost {judge.fmt(c_plan)} <= {judge.fmt(judge.limit)}: {'yes' if ok else 'NO'}"
+                            f" (vs (a) {judge.ratio(c_plan)}); max|da|={d_act:.1e} rel.cost={d_cost:.1e} (not checked)")
+        else:
+            ok = d_act <= args.atol and d_cost <= max(args.atol, 1e-3) and finite
+            checks[name] = (f"max|da|={d_act:.1e} rel.cost={d_cost:.1e}; ref-model cost {judge.fmt(c_plan)} "
+                            f"(vs (a) {judge.ratio(c_plan)})")
         print(f"check {name:<28} {'OK  ' if ok else 'FAIL'} {checks[name]}")
         if not ok:
             failed.append(name)
@@ -175,8 +262,8 @@ def main(argv=None) -> int:
         if not ok:
             failed.append("(d) DINO-WM-cost")
     if failed:
-        print(f"FAILED: {', '.join(failed)} differ from the reference plan (atol {args.atol}); nothing timed.",
-              file=sys.stderr)
+        print(f"FAILED: {', '.join(failed)} differ from the reference plan (fp32: atol {args.atol}; bf16: the "
+              f"reference model's cost limit); nothing timed.", file=sys.stderr)
         return 1
 
     # -- floors --------------------------------------------------------------------------------------------
@@ -221,7 +308,11 @@ def main(argv=None) -> int:
                          "ratio_dinowm_vs_this": f"{r_d:.3f}" if d_med else "", "gflop_per_plan": f"{gf:.3f}",
                          "compute_floor_ms": f"{floor_ms:.3f}", "weight_mb_per_plan": f"{mb:.1f}",
                          "byte_floor_ms": f"{mb / 1e3 / bw * 1e3:.3f}", "gemm_gflops": f"{peak:.0f}", "repeats": s["n"],
-                         "check": checks.get(n, "")})
+                         "check": checks.get(n, ""),
+                         "dtype": args.dtype if n in fast_meta else "float32",
+                         "ref_model_cost": f"{ref_costs[n].mean().item():.6g}" if n in ref_costs else "",
+                         "ref_model_cost_limit": f"{judge.limit.mean().item():.6g}"
+                         if (n in fast_meta and args.dtype != "float32") else ""})
 
     print()
     print(f"RATIOS  (a) reference re-encode / {best_fast}: {ref_med / st[best_fast]['median']:.2f}x   "
@@ -236,6 +327,7 @@ def main(argv=None) -> int:
     print(f"{'CPU' if device.type == 'cpu' else 'GPU'} config: samples {S}, elites {K}, iterations {I}, horizon {H}, "
           f"envs {E}, preset {preset}, DINO-WM-cost size {dsize if dplanner is not None else '-'}")
     if args.csv:
+        extend_header(args.csv, CSV_FIELDS)
         p = bu.append_csv(args.csv, csv_rows, CSV_FIELDS)
         print(f"appended {len(csv_rows)} rows to {p}")
     return 0
