@@ -7,6 +7,9 @@
 * Every benchmark checks its output against the reference before it is timed (`check_close`).
 * Triton and CUDA-graph benchmarks are skipped without CUDA (`needs_cuda`).
 * LEWM_BENCH_THREADS=N sets torch's CPU threads (default: torch's own choice).
+* LEWM_BENCH_QUICK=1: toy sizes (the tiny preset, a few rounds), so that the whole suite runs in about
+  a minute: what tests/test_fresh_commands.py runs. The numbers then mean nothing.
+* LEWM_BENCH_JSON_DIR=DIR writes the default JSON to DIR/<device>.json instead.
 
 The repository's pyproject sets `testpaths = ["tests"]`, which only applies when pytest is given no
 path: `pytest bench/` collects this folder and nothing else, and plain `pytest` never runs it.
@@ -35,16 +38,24 @@ def device_tag() -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
 
 
-class _LazyFile:
-    """A file opened only when pytest-benchmark writes its JSON (so a run without benchmarks leaves no
-    empty file behind)."""
+class _LazyFile(os.PathLike):
+    """The default JSON path, created only when pytest-benchmark writes its JSON (so a run without
+    benchmarks leaves no empty folder or file behind).
+
+    pytest-benchmark 5.3 calls `open(session.json, "wb")` (the option became a path), 4.x-5.2 use
+    `with session.json as fh` (the option was an open file): this object is a path (`os.fspath`
+    creates the parent folder) and a context manager, so both work."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path = Path(path)
+        self._fh = None
+
+    def __fspath__(self) -> str:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return str(self.path)
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "wb")
+        self._fh = open(os.fspath(self), "wb")
         return self._fh
 
     def __exit__(self, *exc):
@@ -55,13 +66,20 @@ class _LazyFile:
         return str(self.path)
 
 
+def default_json_path() -> Path:
+    """profiles/benchmarks/<device>.json, or LEWM_BENCH_JSON_DIR/<device>.json when that is set."""
+    root = Path(os.environ["LEWM_BENCH_JSON_DIR"]) if os.environ.get("LEWM_BENCH_JSON_DIR") \
+        else bu.PROFILES / "benchmarks"
+    return root / f"{device_tag()}.json"
+
+
 def pytest_sessionstart(session):
     config = session.config
     bs = getattr(config, "_benchmarksession", None)
     if bs is None:
         return
     if not (bs.json or bs.save or bs.autosave):
-        bs.json = _LazyFile(bu.PROFILES / "benchmarks" / f"{device_tag()}.json")
+        bs.json = _LazyFile(default_json_path())
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -103,8 +121,28 @@ GPU_SIZES = {
 }
 
 
+QUICK_SIZES = {
+    # a smoke run: every benchmark and check at toy sizes
+    "preset": "tiny",
+    "encode_frames": 4,
+    "rollout_candidates": 16,
+    "sigreg": (2, 16, 32, 64),
+    "plan": {"samples": 16, "elites": 4, "iterations": 2},
+    "train_preset": "tiny",
+    "train_batch": 8,
+    "data": {"episodes": 8, "length": 30, "image_size": 32, "batch": 8, "batches": 3},
+    "rounds": 3,
+}
+
+
+def quick() -> bool:
+    return os.environ.get("LEWM_BENCH_QUICK", "") not in ("", "0")
+
+
 @pytest.fixture(scope="session")
 def sizes():
+    if quick():
+        return QUICK_SIZES
     return GPU_SIZES if CUDA else CPU_SIZES
 
 

@@ -19,7 +19,7 @@ COMMANDS = {
     "eval": ("lewm.plan.evaluate", "plan with a checkpoint under the evaluation protocol"),
     "probe": ("lewm.evals.probe", "linear/MLP probes from frozen embeddings to physical state"),
     "surprise": ("lewm.evals.surprise", "violation-of-expectation surprise along trajectories"),
-    "collapse": ("lewm.collapse", "train with lambda=0 and lambda=0.09 and compare effective rank"),
+    "collapse": ("lewm.collapse", "train with lambda 0 and 0.09 and compare effective rank"),
     "quickstart": ("lewm.quickstart", "collect, train and evaluate TwoRoom on this machine"),
 }
 
@@ -28,12 +28,44 @@ class UserError(Exception):
     """Raised for anything the user got wrong; printed as one line, exit code 2."""
 
 
+def require(module: str, extra: str, feature: str, package: str | None = None):
+    """Import an optional dependency, or raise one UserError naming the extra that installs it:
+    require("imageio_ffmpeg", "video", "writing MP4")."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pkg = package or module.split(".")[0].replace("_", "-")
+        raise UserError(f"{feature} needs the package '{pkg}', which is not installed ({e}); "
+                        f"install it with: pip install 'lewm[{extra}]' (or pip install -e '.[{extra}]' "
+                        "in a clone)") from None
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("lewm")
+    except Exception:
+        return "unknown (not installed)"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each subcommand and its help on one line (argparse under-counts the subcommands' indent)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+        self._action_max_length = 6 + max(map(len, COMMANDS))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="lewm", description="LeWorldModel engine")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(
+        prog="lewm", description="LeWorldModel engine: a JEPA world model from pixels, and planning with it.",
+        epilog="`lewm COMMAND --help` shows a command's flags.",
+        formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lewm {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     cmd = argv[0] if argv and not argv[0].startswith("-") else None
     for name, (mod, help_) in COMMANDS.items():
         if name == cmd:
@@ -44,15 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None) or not hasattr(args, "func"):
         parser.print_help()
         return 0 if not argv else 2
+    from .config import ConfigError
     from .data.format import DataError
     try:
         return int(args.func(args) or 0)
-    except (UserError, DataError, FileNotFoundError) as e:
+    except (UserError, DataError, ConfigError, FileNotFoundError) as e:
         print(f"lewm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lewm {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"lewm {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a permission, ...: the file and the reason, no traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"lewm {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,24 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """A config value out of range (or of the wrong type). `field` is the dotted name
+    ("train.val_frac"); the `lewm` command prints the message as one line with exit code 2."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message if field in message else f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def _check(errors: list, field: str, ok: bool, message: str) -> None:
+    if not ok:
+        errors.append(ConfigError(field, message))
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+
+
 @dataclass
 class ModelConfig:
     # encoder: timm ViT; CLS token after the final LayerNorm, then the BatchNorm projector
@@ -46,6 +64,30 @@ class ModelConfig:
         """Width of one macro action: `frameskip` raw actions concatenated."""
         return self.frameskip * self.action_dim
 
+    def _errors(self, p: str) -> list:
+        e: list = []
+        for f in ("image_size", "patch_size", "enc_width", "enc_depth", "enc_heads", "embed_dim", "proj_hidden",
+                  "action_dim", "frameskip", "smoothed_dim", "action_hidden", "history", "pred_depth",
+                  "pred_heads", "pred_dim_head", "pred_mlp"):
+            v = getattr(self, f)
+            _check(e, f"{p}.{f}", isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                   f"must be a positive integer, got {v!r}")
+        if e:
+            return e
+        _check(e, f"{p}.image_size", self.image_size % self.patch_size == 0,
+               f"{self.image_size} px is not divisible by model.patch_size {self.patch_size} (the ViT "
+               f"needs whole patches): use a multiple of {self.patch_size}, e.g. "
+               f"{max(1, round(self.image_size / self.patch_size)) * self.patch_size}, or another preset")
+        _check(e, f"{p}.enc_width", self.enc_width % self.enc_heads == 0,
+               f"{self.enc_width} is not divisible by model.enc_heads {self.enc_heads}")
+        _check(e, f"{p}.enc_mlp_ratio", _num(self.enc_mlp_ratio) and self.enc_mlp_ratio > 0,
+               f"must be positive, got {self.enc_mlp_ratio!r}")
+        _check(e, f"{p}.enc_ln_eps", _num(self.enc_ln_eps) and self.enc_ln_eps > 0,
+               f"must be positive, got {self.enc_ln_eps!r}")
+        _check(e, f"{p}.pred_dropout", _num(self.pred_dropout) and 0 <= self.pred_dropout < 1,
+               f"must be in [0, 1), got {self.pred_dropout!r}")
+        return e
+
 
 @dataclass
 class SIGRegConfig:
@@ -54,6 +96,19 @@ class SIGRegConfig:
     knots: int = 17  # K quadrature knots on [0, t_max]
     t_max: float = 3.0
     impl: str = "auto"  # "eager" (reference), "triton" (fused kernel), "auto": triton on CUDA else eager
+
+    def _errors(self, p: str) -> list:
+        e: list = []
+        _check(e, f"{p}.weight", _num(self.weight) and self.weight >= 0,
+               f"lambda must be >= 0 (0 turns SIGReg off), got {self.weight!r}")
+        _check(e, f"{p}.num_proj", isinstance(self.num_proj, int) and self.num_proj > 0,
+               f"must be a positive integer, got {self.num_proj!r}")
+        _check(e, f"{p}.knots", isinstance(self.knots, int) and self.knots >= 2,
+               f"must be an integer >= 2, got {self.knots!r}")
+        _check(e, f"{p}.t_max", _num(self.t_max) and self.t_max > 0, f"must be positive, got {self.t_max!r}")
+        _check(e, f"{p}.impl", self.impl in ("eager", "triton", "auto"),
+               f"must be eager, triton or auto, got {self.impl!r}")
+        return e
 
 
 @dataclass
@@ -71,9 +126,41 @@ class TrainConfig:
     workers: int = 2
     log_every: int = 10
     ckpt_every: int = 1000
+    val_every: int = 0  # held-out loss every N steps (0: 20 times per run, at most every log_every) and at every checkpoint
+    bn_batches: int = 8  # training batches that re-estimate BatchNorm's statistics before eval/save
     keep: int = 3
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     cache: str = "auto"  # "ram": decode all pixels once; "none": read from HDF5 per batch; "auto": ram if it fits
+
+    def _errors(self, p: str) -> list:
+        e: list = []
+
+        def integer(f, lo, what):
+            v = getattr(self, f)
+            _check(e, f"{p}.{f}", isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{what}, got {v!r}")
+
+        integer("num_frames", 2, "must be an integer >= 2 (context frames + the target)")
+        integer("batch_size", 2, "must be an integer >= 2 (BatchNorm and SIGReg need a batch)")
+        integer("epochs", 1, "must be a positive integer")
+        integer("steps", 0, "must be a positive integer (or 0: use epochs)")
+        integer("workers", 0, "must be an integer >= 0")
+        integer("log_every", 1, "must be a positive integer")
+        integer("ckpt_every", 1, "must be a positive integer")
+        integer("val_every", 0, "must be an integer >= 0 (0: 20 held-out points per run)")
+        integer("bn_batches", 1, "must be a positive integer")
+        integer("keep", 0, "must be an integer >= 0 (0 keeps every checkpoint)")
+        _check(e, f"{p}.lr", _num(self.lr) and self.lr > 0, f"must be positive, got {self.lr!r}")
+        _check(e, f"{p}.weight_decay", _num(self.weight_decay) and self.weight_decay >= 0,
+               f"must be >= 0, got {self.weight_decay!r}")
+        _check(e, f"{p}.warmup_frac", _num(self.warmup_frac) and 0 <= self.warmup_frac < 1,
+               f"must be in [0, 1), got {self.warmup_frac!r}")
+        _check(e, f"{p}.grad_clip", _num(self.grad_clip) and self.grad_clip > 0,
+               f"must be positive, got {self.grad_clip!r}")
+        _check(e, f"{p}.val_frac", _num(self.val_frac) and 0 < self.val_frac < 1,
+               f"the held-out fraction of episodes must be in (0, 1), got {self.val_frac!r}")
+        _check(e, f"{p}.cache", self.cache in ("ram", "none", "auto"),
+               f"must be ram, none or auto, got {self.cache!r}")
+        return e
 
 
 @dataclass
@@ -90,6 +177,23 @@ class PlanConfig:
     goal_offset: int = 25
     budget: int = 50
 
+    def _errors(self, p: str) -> list:
+        e: list = []
+        for f in ("samples", "elites", "iterations", "horizon", "receding_horizon", "episodes", "goal_offset",
+                  "budget"):
+            v = getattr(self, f)
+            _check(e, f"{p}.{f}", isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                   f"must be a positive integer, got {v!r}")
+        if e:
+            return e
+        _check(e, f"{p}.elites", self.elites <= self.samples,
+               f"{self.elites} elites is more than plan.samples {self.samples}")
+        _check(e, f"{p}.receding_horizon", self.receding_horizon <= self.horizon,
+               f"{self.receding_horizon} is more than plan.horizon {self.horizon}")
+        _check(e, f"{p}.var_scale", _num(self.var_scale) and self.var_scale > 0,
+               f"must be positive, got {self.var_scale!r}")
+        return e
+
 
 @dataclass
 class DataConfig:
@@ -98,6 +202,14 @@ class DataConfig:
     episodes: int = 10000
     max_steps: int = 200
     image_size: int = 224
+
+    def _errors(self, p: str) -> list:
+        e: list = []
+        for f in ("episodes", "max_steps", "image_size"):
+            v = getattr(self, f)
+            _check(e, f"{p}.{f}", isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                   f"must be a positive integer, got {v!r}")
+        return e
 
 
 @dataclass
@@ -110,6 +222,23 @@ class Config:
     plan: PlanConfig = field(default_factory=PlanConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
+    # -- checks ------------------------------------------------------------------------------------
+    def errors(self) -> list:
+        """Every out-of-range field, as ConfigError objects (empty when the config is valid)."""
+        e: list = []
+        for f in ("model", "sigreg", "train", "plan", "data"):
+            e += getattr(self, f)._errors(f)
+        return e
+
+    def validate(self) -> "Config":
+        """Raise ConfigError for the first out-of-range field (the others are named after it). Called by
+        preset(), replace(), from_dict(), LeWM() and Trainer(), so every entry point checks alike."""
+        e = self.errors()
+        if e:
+            more = f" (and {len(e) - 1} more: {', '.join(x.field for x in e[1:])})" if len(e) > 1 else ""
+            raise ConfigError(e[0].field, e[0].message + more)
+        return self
+
     # -- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,11 +248,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        return _merge(cls(), d, path="config")
+        return _merge(cls(), d, path="config").validate()
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with nested overrides: cfg.replace(model={"image_size": 64}, name="x")."""
-        return _merge(copy.deepcopy(self), overrides, path="config")
+        return _merge(copy.deepcopy(self), overrides, path="config").validate()
 
 
 
@@ -132,23 +261,23 @@ def _merge(obj, d: dict, path: str):
     names = {f.name: f for f in fields(obj)}
     for k, v in d.items():
         if k not in names:
-            raise ValueError(f"unknown config field '{path}.{k}' (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"{path}.{k}", f"unknown config field '{path}.{k}' (known: {', '.join(sorted(names))})")
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
             if dataclasses.is_dataclass(v):
                 v = asdict(v)
             if not isinstance(v, dict):
-                raise ValueError(f"config field '{path}.{k}' expects a mapping, got {type(v).__name__}")
+                raise ConfigError(f"{path}.{k}", f"expects a mapping, got {type(v).__name__}")
             _merge(cur, v, f"{path}.{k}")
         else:
             if isinstance(cur, bool) and not isinstance(v, bool):
-                raise ValueError(f"config field '{path}.{k}' expects a bool, got {v!r}")
+                raise ConfigError(f"{path}.{k}", f"expects a bool, got {v!r}")
             if isinstance(cur, (int, float)) and not isinstance(cur, bool):
                 if not isinstance(v, (int, float)) or isinstance(v, bool):
-                    raise ValueError(f"config field '{path}.{k}' expects a number, got {v!r}")
+                    raise ConfigError(f"{path}.{k}", f"expects a number, got {v!r}")
                 if isinstance(cur, int) and isinstance(v, float):
                     if not v.is_integer():
-                        raise ValueError(f"config field '{path}.{k}' expects an integer, got {v!r}")
+                        raise ConfigError(f"{path}.{k}", f"expects an integer, got {v!r}")
                     v = int(v)
                 elif isinstance(cur, float):
                     v = float(v)
@@ -237,4 +366,4 @@ def preset(name: str = "pusht", **overrides: Any) -> Config:
     cfg = _merge(cfg, copy.deepcopy(_PRESETS[name]), path=f"preset[{name}]")
     if overrides:
         cfg = _merge(cfg, overrides, path="config")
-    return cfg
+    return cfg.validate()

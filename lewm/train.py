@@ -20,7 +20,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from .cli import UserError
-from .config import Config, preset, preset_names
+from .config import Config, ConfigError, preset, preset_names
 from .data.dataset import BatchSampler, ClipDataset, make_loader, split_episodes, steps_per_epoch
 from .model import LeWM
 from .model.jepa import fsync_dir
@@ -39,7 +41,40 @@ from .sigreg import effective_rank
 
 CKPT_DIR = "checkpoints"
 OPTIM = "optim.safetensors"
+RNG = "rng.safetensors"
 STATE = "state.json"
+CKPT_FILES = ("model.safetensors", "config.json", OPTIM, RNG, STATE)  # what load_checkpoint reads
+
+# Config fields a resumed run may change without changing the run: how often it logs and saves, how many
+# checkpoints it keeps, how it reads the data. Anything else (steps, lr, the model, ...) changes the
+# run, and --resume refuses it unless --allow-config-change is given.
+RESUME_FREE = {"train.log_every", "train.ckpt_every", "train.keep", "train.workers", "train.cache",
+               "train.val_every"}
+RESUME_IGNORED_SECTIONS = ("plan", "data")  # not read by training
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT during training: raised after the step in progress, with what was saved."""
+
+
+def _fault_point(name: str) -> None:
+    """Deterministic fault points for the fault tests: LEWM_FAULT=NAME@K[:SIG] sends signal SIG (KILL by
+    default, or INT) to this process the K-th time (default the 1st) it reaches point NAME. Points:
+    step_mid (after the backward, before the optimizer), ckpt_mid_write, ckpt_before_rename,
+    ckpt_before_latest, ckpt_before_prune. Unset in normal use: one environment lookup."""
+    spec = os.environ.get("LEWM_FAULT")
+    if not spec:
+        return
+    where, _, sig = spec.partition(":")
+    point, _, k = where.partition("@")
+    if point != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] == int(k or 1):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
+
+
+_FAULT_HITS: dict = {}
 
 
 # -- the schedule ------------------------------------------------------------------------------------
@@ -124,24 +159,36 @@ def _capturable(opt) -> bool:
 
 def save_checkpoint(out: Path, model: LeWM, opt, step: int, keep: int, extra: dict,
                     device: torch.device = torch.device("cpu")) -> Path:
-    """out/checkpoints/step_XXXXXXXX/ with model.safetensors, config.json, optim.safetensors and
-    state.json; written to a temporary folder and renamed, then `latest` is updated atomically and
-    all but the newest `keep` checkpoints are removed."""
+    """out/checkpoints/step_XXXXXXXX/ with model.safetensors, config.json, optim.safetensors,
+    rng.safetensors and state.json; written to a temporary folder and renamed, then `latest` is updated
+    atomically and all but the newest `keep` checkpoints are removed. A failed write (a full disk)
+    removes the temporary folder, leaves the previous checkpoints as they were and raises UserError."""
+    root = out / CKPT_DIR
+    final = root / f"step_{step:08d}"
+    try:
+        return _save_checkpoint(root, final, model, opt, step, keep, extra, device)
+    except OSError as e:
+        prev = find_latest(out)
+        raise UserError(f"could not write checkpoint {final}: {e.strerror or e}"
+                        f"{' (the disk is full)' if e.errno == 28 else ''}; nothing was changed, the last "
+                        f"complete checkpoint is {prev if prev else 'none'}") from None
+
+
+def _save_checkpoint(root, final, model, opt, step, keep, extra, device) -> Path:
     from safetensors.torch import save_file
 
-    root = out / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
     tmp_parent = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=root))
     try:
         model.save(tmp_parent / "ckpt", extra=extra)
         tensors, meta = _optim_to_flat(opt, model)
         save_file(tensors, str(tmp_parent / "ckpt" / OPTIM))
+        _fault_point("ckpt_mid_write")
         rng = _rng_state(device)
         rng_t = {"torch": rng["torch"]}
         if "cuda" in rng:
             rng_t["cuda"] = rng["cuda"]
-        save_file(rng_t, str(tmp_parent / "ckpt" / "rng.safetensors"))
+        save_file(rng_t, str(tmp_parent / "ckpt" / RNG))
         np_state = rng["numpy"]
         state = {"step": step, "optim": meta,
                  "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
@@ -149,14 +196,20 @@ def save_checkpoint(out: Path, model: LeWM, opt, step: int, keep: int, extra: di
                  "python_rng": [rng["python"][0], list(rng["python"][1]), rng["python"][2]]}
         (tmp_parent / "ckpt" / STATE).write_text(json.dumps(state))
         fsync_dir(tmp_parent / "ckpt")
+        _fault_point("ckpt_before_rename")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp_parent / "ckpt", final)
     finally:
         shutil.rmtree(tmp_parent, ignore_errors=True)
+    _fault_point("ckpt_before_latest")
     latest_tmp = root / f".latest.tmp-{os.getpid()}"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, root / "latest")
+    try:
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, root / "latest")
+    finally:
+        latest_tmp.unlink(missing_ok=True)
+    _fault_point("ckpt_before_prune")
     ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -170,36 +223,98 @@ def find_latest(out: str | os.PathLike) -> Path | None:
         return None
     ptr = root / "latest"
     if ptr.exists():
-        cand = root / ptr.read_text().strip()
-        if (cand / STATE).exists():
+        try:
+            cand = root / ptr.read_text().strip()
+        except OSError:
+            cand = None
+        if cand is not None and cand.name.startswith("step_") and all((cand / f).exists() for f in CKPT_FILES):
             return cand
-    ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE).exists())
+    ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                   and all((p / f).exists() for f in CKPT_FILES))
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: Path, model: LeWM, opt, device) -> int:
-    from safetensors.torch import load_file
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint file {path} is unreadable ({e}); it is truncated or was edited: resume "
+                        "from an older checkpoint (--resume DIR) or start a new --out") from None
+    if not isinstance(d, dict):
+        raise UserError(f"checkpoint file {path} is not a JSON object; it was edited")
+    return d
 
-    for f in ("model.safetensors", "config.json", OPTIM, STATE):
+
+def _read_safetensors(path: Path, device="cpu") -> dict:
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types (SafetensorError, ...)
+        raise UserError(f"checkpoint file {path} is unreadable ({type(e).__name__}: {e}); it is truncated or "
+                        "was edited: resume from an older checkpoint (--resume DIR) or start a new --out") from None
+
+
+def checkpoint_config(path: Path) -> dict:
+    """The training config stored in checkpoint folder `path` (config.json's "config")."""
+    meta = _read_json(Path(path) / "config.json")
+    if not isinstance(meta.get("config"), dict):
+        raise UserError(f"checkpoint file {Path(path) / 'config.json'} has no \"config\" mapping; it was edited")
+    return meta["config"]
+
+
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """'train.lr: 0.002 -> 0.001' for every field that differs and changes the run (RESUME_FREE and the
+    plan/data sections aside)."""
+    now = cfg.to_dict()
+    out = []
+    for sec, fields_ in now.items():
+        if sec in RESUME_IGNORED_SECTIONS or not isinstance(fields_, dict):
+            continue
+        old = saved.get(sec, {}) if isinstance(saved.get(sec), dict) else {}
+        for k, v in fields_.items():
+            name = f"{sec}.{k}"
+            if name in RESUME_FREE:
+                continue
+            if k not in old or old[k] != v:
+                out.append(f"{name}: {old.get(k, '(absent)')!r} -> {v!r}")
+    return out
+
+
+def load_checkpoint(path: Path, model: LeWM, opt, device) -> int:
+    path = Path(path)
+    for f in CKPT_FILES:
         if not (path / f).exists():
             raise UserError(f"checkpoint {path} is incomplete: no {f}")
-    state = json.loads((path / STATE).read_text())
-    sd = load_file(str(path / "model.safetensors"), device=str(device))
+    state = _read_json(path / STATE)
+    for k in ("step", "optim", "numpy_rng", "python_rng"):
+        if k not in state:
+            raise UserError(f"checkpoint file {path / STATE} has no '{k}'; it was edited")
+    sd = _read_safetensors(path / "model.safetensors", device)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise UserError(f"checkpoint {path} does not match the model config: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
-    _optim_from_flat(opt, model, load_file(str(path / OPTIM)), state["optim"])
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    device = torch.device(device)
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], device)
-    n = state["numpy_rng"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    p = state["python_rng"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-    return int(state["step"])
+    try:
+        _optim_from_flat(opt, model, _read_safetensors(path / OPTIM), state["optim"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"checkpoint file {path / OPTIM} does not match the model ({type(e).__name__}: {e}); "
+                        "it was edited or belongs to another model") from None
+    rng = _read_safetensors(path / RNG)
+    if "torch" not in rng:
+        raise UserError(f"checkpoint file {path / RNG} has no 'torch' generator state; it was edited")
+    try:
+        torch.set_rng_state(rng["torch"])
+        device = torch.device(device)
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        n = state["numpy_rng"]
+        np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+        p = state["python_rng"]
+        random.setstate((p[0], tuple(p[1]), p[2]))
+        return int(state["step"])
+    except (TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path}: the RNG state in {RNG} / {STATE} is invalid ({e}); it was edited") \
+            from None
 
 
 # -- the step ----------------------------------------------------------------------------------------
@@ -208,7 +323,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, data: str | os.PathLike, out: str | os.PathLike, device: str = "auto",
                  compile: bool = False, cuda_graphs: bool = False, resume: bool | str = False,
-                 progress: bool = True, log=print):
+                 progress: bool = True, log=print, allow_config_change: bool = False):
+        cfg.validate()  # ConfigError naming the first out-of-range field
         self.cfg, self.out, self.log = cfg, Path(out), log
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -230,8 +346,6 @@ class Trainer:
         self.device = torch.device(device)
         self.compile, self.cuda_graphs, self.progress = compile, cuda_graphs, progress and self.dist.main
         tc, mc = cfg.train, cfg.model
-        if tc.batch_size < 2:
-            raise UserError("--batch-size must be >= 2 (BatchNorm and SIGReg need a batch)")
 
         # data: episodes split once, with the training seed, into train and held-out
         from .data.format import inspect
@@ -242,11 +356,15 @@ class Trainer:
                                     image_size=mc.image_size, action_dim=mc.action_dim, progress=self.progress)
         self.val_ds = None
         if len(val_eps):
+            from .data.format import DataError
             try:
                 self.val_ds = ClipDataset(data, tc.num_frames, mc.frameskip, val_eps, cache=tc.cache,
                                           image_size=mc.image_size, action_dim=mc.action_dim)
-            except Exception:
+            except DataError as e:
+                if "shorter than a clip" not in str(e):
+                    raise
                 self.val_ds = None  # held-out episodes too short for a clip: no validation loss
+                self.log(f"note: no held-out loss: {e}")
         if tc.num_frames - 1 > mc.history:
             raise UserError(f"train.num_frames - 1 ({tc.num_frames - 1}) context frames exceed "
                             f"model.history ({mc.history})")
@@ -271,6 +389,13 @@ class Trainer:
             ck = Path(resume) if isinstance(resume, str) else latest
             if ck is None:
                 raise UserError(f"--resume: no checkpoint under {self.out / CKPT_DIR}")
+            changed = config_changes(checkpoint_config(ck), cfg)
+            if changed and not allow_config_change:
+                raise UserError(f"--resume: the config differs from checkpoint {ck}'s ({'; '.join(changed)}); "
+                                "a resumed run would not continue the same run. Use the same flags, or pass "
+                                "--allow-config-change to continue with the new values")
+            if changed:
+                self.log(f"resuming with a changed config: {'; '.join(changed)}")
             self.step = load_checkpoint(ck, self.model, self.opt, self.device)
             self.log(f"resumed from {ck} at step {self.step}")
         elif latest is not None:
@@ -297,6 +422,7 @@ class Trainer:
             out = self.forward(pixels=pixels, actions=actions, directions=directions)
         with nvtx_range("backward"):
             out["loss"].backward()
+        _fault_point("step_mid")
         with nvtx_range("optimizer"):
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
             self.opt.step()
@@ -378,21 +504,68 @@ class Trainer:
                             f"checkpoint: {last if last else 'none written yet'}. Lower --lr or check the data.")
 
     @torch.no_grad()
+    def recalibrate_bn(self) -> None:
+        """Re-estimate every BatchNorm's running mean and variance for the current weights, from
+        `train.bn_batches` training batches (a plain average, not the training EMA).
+
+        Training normalises with each batch's own statistics; eval mode (validation, planning, probes)
+        uses the running statistics, an EMA with momentum 0.1 that lags behind the weights while the
+        learning rate is high (measured on the quickstart: an eval-mode loss of 0.5-11 on training and
+        held-out clips alike while the batch-statistics loss was 0.02-0.06). So the statistics are
+        re-estimated before every validation and checkpoint. Deterministic (batches drawn from
+        (seed, step)), no global RNG used (dropout off), weights untouched: a resumed run matches."""
+        bns = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            return
+        tc = self.cfg.train
+        was_training = self.model.training
+        self.model.eval()
+        saved = []
+        for m in bns:
+            saved.append(m.momentum)
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+            m.train()
+        try:
+            rng = np.random.default_rng([tc.seed, self.step, 0xB4])
+            bs = min(tc.batch_size, len(self.train_ds))
+            for _ in range(tc.bn_batches):
+                px, act = self.train_ds.batch(np.sort(rng.choice(len(self.train_ds), size=bs, replace=False)))
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    z = self.model.encode(px.to(self.device))
+                    a = self.model.action_encoder(torch.nan_to_num(act.to(self.device), nan=0.0))
+                    self.model.pred_proj(self.model.predictor(z[:, :-1], a[:, :-1]))
+        finally:
+            for m, mom in zip(bns, saved):
+                m.momentum = mom
+            self.model.train(was_training)
+
+    @torch.no_grad()
     def validate(self, max_batches: int = 8) -> float | None:
+        """Held-out prediction loss in eval mode (what planning sees), after recalibrate_bn(), on the same
+        fixed held-out clips every time (so the points of the curve are comparable)."""
         if self.val_ds is None or len(self.val_ds) < 2:
             return None
+        self.recalibrate_bn()
         self.model.eval()
         bs = min(self.cfg.train.batch_size, len(self.val_ds))
         rng = np.random.default_rng(0)
         losses = []
-        for _ in range(max_batches):
-            idx = rng.choice(len(self.val_ds), size=bs, replace=False)
-            px, act = self.val_ds.batch(idx)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = self.model.loss(pixels=px.to(self.device), actions=act.to(self.device), step=0)
-            losses.append(float(out["pred_loss"]))
-        self.model.train()
+        try:
+            for _ in range(max_batches):
+                idx = rng.choice(len(self.val_ds), size=bs, replace=False)
+                px, act = self.val_ds.batch(idx)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    out = self.model.loss(pixels=px.to(self.device), actions=act.to(self.device), step=0)
+                losses.append(float(out["pred_loss"]))
+        finally:
+            self.model.train()
         return float(np.mean(losses))
+
+    def val_every(self) -> int:
+        """train.val_every, or by default 20 points per run but no more often than the training log."""
+        tc = self.cfg.train
+        return tc.val_every if tc.val_every > 0 else max(1, tc.log_every, self.total_steps // 20)
 
     def save(self) -> Path | None:
         if not self.dist.main:
@@ -401,6 +574,43 @@ class Trainer:
         return save_checkpoint(self.out, self.model, self.opt, self.step, self.cfg.train.keep,
                                extra={"data": str(self.data_path), "step": self.step,
                                       "total_steps": self.total_steps}, device=self.device)
+
+    # -- SIGINT: finish the step in progress, save, stop ----------------------------------------------
+    _sigints = 0
+
+    def _install_sigint(self):
+        """Ctrl-C (SIGINT) during run(): the step in progress completes, a checkpoint is written and
+        Interrupted is raised saying where it is; a second Ctrl-C stops at once, saying that nothing was
+        saved for the current step. Single process, main thread only (under torchrun the default
+        behaviour stays: the last periodic checkpoint is what --resume finds)."""
+        if self.dist.world > 1 or threading.current_thread() is not threading.main_thread():
+            return None
+        self._sigints = 0
+
+        def on_sigint(signum, frame):
+            self._sigints += 1
+            if self._sigints > 1:
+                last = find_latest(self.out)
+                raise Interrupted(f"stopped at once at step {self.step}: no checkpoint written for it; the last "
+                                  f"complete checkpoint is {last if last else 'none'}")
+            print(f"lewm train: interrupt: finishing step {self.step + 1} and saving a checkpoint "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+        return signal.signal(signal.SIGINT, on_sigint)
+
+    def _save_on_interrupt(self, saved: bool, bar=None) -> None:
+        if bar:
+            bar.close()
+        if saved:
+            path = find_latest(self.out)
+        else:
+            try:
+                self.recalibrate_bn()
+                path = self.save()
+            except UserError as e:
+                raise Interrupted(f"at step {self.step}: no checkpoint written ({e})") from None
+        raise Interrupted(f"at step {self.step} of {self.total_steps}: checkpoint {path} written; continue with "
+                          "--resume")
 
     def run(self, until: int | None = None) -> dict:
         """Train to the planned total (or stop early at step `until`, with a checkpoint there)."""
@@ -421,6 +631,7 @@ class Trainer:
         t_last, n_last = time.perf_counter(), 0
         history = []
         last = {}
+        prev_handler = self._install_sigint()
         try:
             for pixels, actions in loader:
                 o = self.train_step(pixels, actions)
@@ -449,14 +660,26 @@ class Trainer:
                                         sps=f"{rec['samples_per_s']:.0f}")
                 if bar:
                     bar.update(1)
-                if self.step % tc.ckpt_every == 0 or self.step == stop:
-                    val = self.validate()
+                at_ckpt = self.step % tc.ckpt_every == 0 or self.step == stop
+                if at_ckpt or self.step % self.val_every() == 0:
+                    val = self.validate()  # re-estimates BatchNorm's statistics first
                     if val is not None and metrics_f:
                         metrics_f.write(json.dumps({"step": self.step, "val_pred_loss": val}) + "\n")
                         metrics_f.flush()
+                    if val is not None:
                         last["val_pred_loss"] = val
+                        if bar:
+                            bar.set_postfix_str(f"{bar.postfix}, held-out={val:.4f}" if bar.postfix else
+                                                f"held-out={val:.4f}")
+                    elif at_ckpt:
+                        self.recalibrate_bn()  # checkpoints carry statistics that match their weights
+                if at_ckpt:
                     self.save()
+                if self._sigints:
+                    self._save_on_interrupt(saved=at_ckpt, bar=bar)
         finally:
+            if prev_handler is not None:
+                signal.signal(signal.SIGINT, prev_handler)
             if bar:
                 bar.close()
             if metrics_f:
@@ -497,7 +720,8 @@ def plot_curves(metrics: Path, png: Path) -> Path | None:
 
 # -- the command ------------------------------------------------------------------------------------
 def config_from_args(args) -> Config:
-    """Preset + the flags given (each flag maps to one config field)."""
+    """Preset + the flags given (each flag maps to one config field). An out-of-range value is a
+    UserError naming the flag and the config field."""
     cfg = preset(args.preset)
     o: dict = {"model": {}, "train": {}, "sigreg": {}}
     for flag, (sec, fld) in FLAG_FIELDS.items():
@@ -506,7 +730,20 @@ def config_from_args(args) -> Config:
             o[sec][fld] = v
     if getattr(args, "no_amp", False):
         o["train"]["amp"] = False
-    return cfg.replace(**{k: v for k, v in o.items() if v})
+    try:
+        return cfg.replace(**{k: v for k, v in o.items() if v})
+    except ConfigError as e:
+        raise UserError(flag_error(e, preset_name=args.preset)) from None
+
+
+def flag_error(e: ConfigError, preset_name: str | None = None) -> str:
+    """ConfigError -> one line naming the command-line flag that sets the field (when one does)."""
+    by_field = {f"{sec}.{fld}": flag for flag, (sec, fld) in FLAG_FIELDS.items()}
+    flag = by_field.get(e.field)
+    where = f" (preset {preset_name})" if preset_name and flag is None else ""
+    if flag is None:
+        return f"config{where}: {e}"
+    return f"--{FLAG_NAMES.get(flag, flag.replace('_', '-'))}: {e}"
 
 
 FLAG_FIELDS = {
@@ -518,6 +755,7 @@ FLAG_FIELDS = {
     "sigreg_weight": ("sigreg", "weight"), "num_proj": ("sigreg", "num_proj"), "sigreg_impl": ("sigreg", "impl"),
     "image_size": ("model", "image_size"), "history": ("model", "history"),
 }
+FLAG_NAMES = {"sigreg_weight": "lambda"}  # dest -> flag, where they differ
 
 
 def add_parser(sub) -> None:
@@ -550,21 +788,21 @@ def add_parser(sub) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="capture the whole step in a CUDA graph (CUDA only)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--resume", nargs="?", const=True, default=False,
-                   help="continue from the latest checkpoint in --out (or from the given checkpoint folder)")
+                   help="continue from the latest checkpoint in --out (or from the given checkpoint folder); "
+                        "refused when the flags change the run (steps, lr, model, ...)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue with the changed config (no longer the same run)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    for flag in ("steps", "epochs", "batch_size", "log_every", "ckpt_every", "num_proj", "image_size", "history"):
-        v = getattr(args, flag, None)
-        if v is not None and v <= 0 and not (flag == "steps" and v == 0):
-            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {v}")
-    if args.lr is not None and not (args.lr > 0):
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    cfg = config_from_args(args)
+    cfg = config_from_args(args)  # range checks live in the config (lewm/config.py)
+    if args.allow_config_change and not args.resume:
+        raise UserError("--allow-config-change only applies with --resume")
     tr = Trainer(cfg, args.data, args.out, device=args.device, compile=args.compile,
-                 cuda_graphs=args.cuda_graphs, resume=args.resume, progress=not args.no_progress)
+                 cuda_graphs=args.cuda_graphs, resume=args.resume, progress=not args.no_progress,
+                 allow_config_change=args.allow_config_change)
     if tr.dist.main:
         pc = tr.model.param_counts()
         print(f"lewm train: {cfg.name} preset, {pc['total'] / 1e6:.2f}M params, {len(tr.train_ds)} clips, "

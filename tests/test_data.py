@@ -173,7 +173,7 @@ def test_bad_flags(tmp_path, capsys):
         cli(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--frobnicate"])
     assert "unrecognized arguments: --frobnicate" in capsys.readouterr().err
     code, err = run_train(capsys, data, tmp_path, "--batch-size", "0")
-    assert code == 2 and "--batch-size must be positive" in err
+    assert code == 2 and "--batch-size: train.batch_size: must be an integer >= 2" in err
     code, err = run_train(capsys, data, tmp_path, "--batch-size", "4096")
     assert code == 2 and "fewer than one batch of 4096" in err
 

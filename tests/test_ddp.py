@@ -19,6 +19,9 @@ def _free_port() -> int:
 
 
 def _worker(rank, world, port, z_full, A, q):
+    # Results go back as numpy arrays (pickled by value). A tensor on a multiprocessing queue travels as
+    # a shared-memory file descriptor that the parent fetches from this process *after* it has exited
+    # (FileNotFoundError in resource_sharer when it already had): the race this test used to have.
     import torch.distributed as dist
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -28,7 +31,7 @@ def _worker(rank, world, port, z_full, A, q):
         stat = sigreg_tbd(z, A)  # detects the process group and all-reduces the cos/sin sums
         # DDP averages gradients over ranks; emulate it so the result is the gradient a step would use
         stat.backward()
-        q.put((rank, float(stat.detach()), z.grad / world))
+        q.put((rank, float(stat.detach()), (z.grad / world).numpy().copy()))
     finally:
         dist.destroy_process_group()
 
@@ -51,8 +54,9 @@ def test_ddp_statistic_equals_single_process_on_concatenated_batch():
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    results.sort()
+    results.sort(key=lambda r: r[0])
     for rank, stat, grad in results:
+        grad = torch.from_numpy(grad)
         assert abs(stat - float(single.detach())) < 1e-5 * float(single.detach()), stat
         # the rank's gradient, after DDP's averaging, equals the global gradient on its slice
         sl = zf.grad[:, rank * (B // world):(rank + 1) * (B // world)]

@@ -1,4 +1,6 @@
-"""Training: the loss falls, collapse without SIGReg, exact resume, NaN stop, SIGKILL safety, compile."""
+"""Training: the loss falls, collapse without SIGReg, exact resume (and its refusal of a changed config),
+NaN stop, BatchNorm statistics for eval, compile. Faults (SIGKILL, SIGINT, full disk, corrupt
+checkpoints) are in test_faults.py. One torch thread (the module's `single_thread` fixture)."""
 import json
 import os
 import signal
@@ -13,7 +15,10 @@ import torch
 import lewm
 from lewm.collapse import run_collapse
 from lewm.data.synthetic import write_synthetic
-from lewm.train import Trainer, find_latest, lr_at
+from lewm.cli import UserError
+from lewm.train import Trainer, find_latest, load_checkpoint, lr_at
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def quiet(*a):
@@ -39,6 +44,7 @@ def test_schedule_warmup_then_cosine_to_zero():
     assert lr_at(1000, total, lr, 0.01) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_training_lowers_prediction_loss_and_writes_artifacts(syn, tmp_path):
     cfg = lewm.preset("tiny", train={"steps": 300, "log_every": 10, "ckpt_every": 150, "keep": 1})
     Trainer(cfg, syn, tmp_path / "run", progress=False, log=quiet).run()
@@ -56,6 +62,7 @@ def test_training_lowers_prediction_loss_and_writes_artifacts(syn, tmp_path):
     assert not torch.equal(model.action_std, torch.ones(2))  # carries the data set's action stats
 
 
+@pytest.mark.slow
 def test_collapse_without_sigreg(syn, tmp_path):
     """Thresholds measured on this data: lambda=0 ends with emb std ~0.002 and rank 0 (every
     direction below the 1e-2 floor); lambda=0.09 keeps std ~0.6 and rank ~4 of 32."""
@@ -111,29 +118,6 @@ def test_nan_loss_stops_with_last_good_checkpoint(syn, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sigkill_leaves_previous_checkpoint_loadable(tmp_path):
-    data = write_synthetic(tmp_path / "syn.h5", episodes=16, length=40, image_size=32)
-    cmd = [sys.executable, "-m", "lewm.cli", "train", "--data", str(data), "--out", str(tmp_path / "k"),
-           "--preset", "tiny", "--steps", "100000", "--ckpt-every", "3", "--keep", "2", "--no-progress"]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        root = tmp_path / "k" / "checkpoints"
-        while time.time() < deadline and len(list(root.glob("step_*"))) < 2:
-            time.sleep(0.05)
-        time.sleep(0.37)  # land somewhere in the middle of steps and checkpoint writes
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    latest = find_latest(tmp_path / "k")
-    assert latest is not None
-    lewm.LeWM.load(latest)
-    r = subprocess.run(cmd[:-5] + ["--steps", str(int(latest.name[5:]) + 2), "--resume", "--no-progress",
-                                   "--ckpt-every", "1"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-
-
-@pytest.mark.slow
 def test_compile_matches_eager_on_cpu(syn, tmp_path):
     cfg = lewm.preset("tiny", model={"pred_dropout": 0.0}, train={"steps": 3, "log_every": 1, "ckpt_every": 3})
     Trainer(cfg, syn, tmp_path / "e", progress=False, log=quiet).run()
@@ -152,3 +136,121 @@ def test_collapse_command_with_planning(tworoom_data, tmp_path, capsys):
     assert "success (95% CI)" in out and out.count("%") >= 4
     res = json.loads((tmp_path / "collapse.json").read_text())
     assert set(res) == {"0", "0.09"} and all(r["episodes"] == 4 for r in res.values())
+
+
+def test_resume_refuses_a_changed_config(syn, tmp_path):
+    cfg = lewm.preset("tiny", train={"steps": 10, "log_every": 5, "ckpt_every": 5})
+    Trainer(cfg, syn, tmp_path / "r", progress=False, log=quiet).run(until=5)
+    changed = cfg.replace(train={"steps": 20, "lr": 1e-3})
+    with pytest.raises(UserError, match=r"config differs.*train\.lr: 0\.002 -> 0\.001; train\.steps: 10 -> 20"
+                                        r".*--allow-config-change"):
+        Trainer(changed, syn, tmp_path / "r", resume=True, progress=False, log=quiet)
+    with pytest.raises(UserError, match=r"model\.pred_depth: 2 -> 3"):
+        Trainer(cfg.replace(model={"pred_depth": 3}), syn, tmp_path / "r", resume=True, progress=False, log=quiet)
+    # how often it logs, saves and validates, and how it reads data, may change
+    free = cfg.replace(train={"log_every": 1, "ckpt_every": 7, "keep": 1, "val_every": 3, "cache": "none"})
+    assert Trainer(free, syn, tmp_path / "r", resume=True, progress=False, log=quiet).step == 5
+    notes = []
+    tr = Trainer(changed, syn, tmp_path / "r", resume=True, allow_config_change=True, progress=False,
+                 log=notes.append)
+    assert tr.step == 5 and tr.total_steps == 20
+    assert any("train.steps: 10 -> 20" in n for n in notes)
+
+
+def test_resume_refusal_from_the_command_line(syn, tmp_path, capsys):
+    from lewm.cli import main as cli
+    base = ["train", "--data", str(syn), "--out", str(tmp_path / "c"), "--preset", "tiny", "--no-progress",
+            "--ckpt-every", "4"]
+    assert cli(base + ["--steps", "4"]) == 0
+    capsys.readouterr()
+    assert cli(base + ["--steps", "8", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.steps: 4 -> 8" in err, err
+    assert cli(base + ["--steps", "8", "--resume", "--allow-config-change"]) == 0
+    assert find_latest(tmp_path / "c").name == "step_00000008"
+
+
+def test_only_data_errors_mean_no_held_out_loss(syn, tmp_path, monkeypatch):
+    """Held-out episodes too short for a clip: no held-out loss, said once. Anything else propagates."""
+    import lewm.train as T
+    from lewm.data.format import DataError
+    real = T.ClipDataset
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the held-out set
+            raise error
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "ClipDataset", flaky)
+    cfg = lewm.preset("tiny", train={"steps": 5})
+    error = DataError("syn.h5: every episode is shorter than a clip (20 rows)")
+    notes = []
+    tr = Trainer(cfg, syn, tmp_path / "a", progress=False, log=notes.append)
+    assert tr.val_ds is None and tr.validate() is None and any("no held-out loss" in n for n in notes)
+    calls.clear()
+    error = RuntimeError("a bug, not a data problem")
+    with pytest.raises(RuntimeError, match="a bug"):
+        Trainer(cfg, syn, tmp_path / "b", progress=False, log=quiet)
+    calls.clear()
+    error = DataError("syn.h5: column 'pixels' rows 0-99 cannot be read")
+    with pytest.raises(DataError, match="cannot be read"):
+        Trainer(cfg, syn, tmp_path / "c", progress=False, log=quiet)
+
+
+def test_checkpoint_completeness_includes_rng(syn, tmp_path):
+    cfg = lewm.preset("tiny", train={"steps": 10, "log_every": 5, "ckpt_every": 5})
+    tr = Trainer(cfg, syn, tmp_path / "r", progress=False, log=quiet)
+    tr.run()
+    ck = tmp_path / "r" / "checkpoints"
+    (ck / "step_00000010" / "rng.safetensors").unlink()
+    assert find_latest(tmp_path / "r").name == "step_00000005"  # the incomplete one is skipped
+    with pytest.raises(UserError, match=r"step_00000010 is incomplete: no rng\.safetensors"):
+        load_checkpoint(ck / "step_00000010", tr.model, tr.opt, "cpu")
+
+
+def test_bn_statistics_are_reestimated_for_eval(syn, tmp_path):
+    """recalibrate_bn() sets every BatchNorm's running mean/var to the plain average of its inputs' batch
+    statistics over `bn_batches` training batches, without touching weights or the global RNG."""
+    cfg = lewm.preset("tiny", train={"steps": 30, "log_every": 10, "ckpt_every": 30, "bn_batches": 3})
+    tr = Trainer(cfg, syn, tmp_path / "r", progress=False, log=quiet)
+    tr.run(until=12)
+    bns = {n: m for n, m in tr.model.named_modules() if isinstance(m, torch.nn.BatchNorm1d)}
+    assert len(bns) == 2  # the projector's and pred_proj's
+    seen = {n: [] for n in bns}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen[n].append(i[0].detach().double()))
+             for n, m in bns.items()]
+    weights = {k: v.clone() for k, v in tr.model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    rng = torch.get_rng_state()
+    tr.recalibrate_bn()
+    for h in hooks:
+        h.remove()
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in tr.model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k
+    for n, m in bns.items():
+        assert len(seen[n]) == 3
+        mean = torch.stack([x.mean(0) for x in seen[n]]).mean(0)
+        var = torch.stack([x.var(0, unbiased=True) for x in seen[n]]).mean(0)
+        assert torch.allclose(m.running_mean.double(), mean, rtol=1e-4, atol=1e-5), n
+        assert torch.allclose(m.running_var.double(), var, rtol=1e-4, atol=1e-5), n
+        assert m.momentum == 0.1 and tr.model.training
+
+
+def test_held_out_curve_is_logged_often(syn, tmp_path):
+    """20 held-out points per run by default (val_every 0; at most one per training log), plus one at every
+    checkpoint; each in eval mode after the BatchNorm statistics were re-estimated, so it is comparable
+    with the training loss."""
+    cfg = lewm.preset("tiny", train={"steps": 40, "log_every": 1, "ckpt_every": 25, "bn_batches": 2})
+    Trainer(cfg, syn, tmp_path / "r", progress=False, log=quiet).run()
+    val = [r for r in metrics(tmp_path / "r") if "val_pred_loss" in r]
+    assert [r["step"] for r in val] == sorted({2 * i for i in range(1, 21)} | {25})
+    train = [r["pred_loss"] for r in metrics(tmp_path / "r") if "pred_loss" in r]
+    # the last held-out point is on the training loss's scale (eval-mode BatchNorm with stale running
+    # statistics read 10-100x the training loss on the quickstart)
+    assert val[-1]["val_pred_loss"] < 5 * max(train[-2:]), (val[-1], train[-2:])
+    cfg = cfg.replace(train={"val_every": 15, "log_every": 10})
+    Trainer(cfg, syn, tmp_path / "s", progress=False, log=quiet).run()
+    assert [r["step"] for r in metrics(tmp_path / "s") if "val_pred_loss" in r] == [15, 25, 30, 40]

@@ -74,11 +74,9 @@ def show(path, episode: int = 0, out=None, fps: float = 10.0, overlay: bool = Tr
     else:
         if frames.shape[1] % 2 or frames.shape[2] % 2:  # H.264 in yuv420p needs even sizes
             frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
-        try:
-            w = imageio.v2.get_writer(out, fps=fps, codec="libx264", macro_block_size=1, quality=8)
-        except Exception as e:  # imageio-ffmpeg missing
-            raise UserError(f"--out {out}: cannot write MP4 ({e}); pip install imageio-ffmpeg, "
-                            "or use .gif") from None
+        from ..cli import require
+        require("imageio_ffmpeg", "video", f"--out {out}: writing MP4 (or use .gif)")
+        w = imageio.v2.get_writer(out, fps=fps, codec="libx264", macro_block_size=1, quality=8)
         with w:
             for fr in frames:
                 w.append_data(fr)

@@ -102,7 +102,12 @@ def make(name: str, image_size: int = 224, **kwargs) -> Env:
     _load_all()
     if name not in _REGISTRY:
         raise ValueError(f"unknown environment '{name}' (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name](image_size=image_size, **kwargs)
+    try:
+        return _REGISTRY[name](image_size=image_size, **kwargs)
+    except ModuleNotFoundError as e:  # the simulators are imported when an env is built
+        if e.name and e.name.split(".")[0] == "lewm":
+            raise
+        raise _missing_error(name, e) from None
 
 
 def _load_all() -> None:
@@ -118,8 +123,14 @@ def _load_all() -> None:
             _REGISTRY.setdefault(mod, _missing(mod, e))
 
 
+def _missing_error(env: str, err: Exception) -> Exception:
+    from ..cli import UserError
+    return UserError(f"environment '{env}' needs the package '{getattr(err, 'name', None) or err}', which is "
+                     "not installed; install the simulators with: pip install 'lewm[envs]' "
+                     "(pip install -e '.[envs]' in a clone)")
+
+
 def _missing(mod: str, err: Exception):
     def factory(**kwargs):
-        raise RuntimeError(f"environment '{mod}' needs a package that is not installed ({err}); "
-                           "install the extras: pip install -e '.[envs]'")
+        raise _missing_error(mod, err)
     return factory

@@ -38,6 +38,7 @@ class LeWM(nn.Module):
             cfg = Config()
         if isinstance(cfg, ModelConfig):
             cfg = Config(model=cfg)
+        cfg.validate()  # ConfigError (a ValueError) naming the first out-of-range field
         self.cfg = cfg
         m = cfg.model
         self.encoder = Encoder(m)  # ViT + projector

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli import UserError
+from ..cli import UserError, require
 from ..config import Config
 from ..model import LeWM
 from .cem import CEMPlanner, Planner, PlanResult
@@ -546,7 +546,10 @@ def evaluate(model, env: str, data, *, planner: str = "cem", planner_kw: dict | 
 
 
 def save_results(results: dict, out, video_format: str = "gif", fps: int = 10) -> dict:
-    """Write out/results.json (atomic) and out/videos/episode_XXX.{gif,mp4}; returns the JSON part."""
+    """Write out/results.json (atomic) and out/videos/episode_XXX.{gif,mp4}; returns the JSON part.
+
+    A failed write (a full disk) leaves the previous results.json as it was, removes the partial file
+    and raises UserError naming the file."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     videos = results.get("_videos", {})
@@ -555,18 +558,36 @@ def save_results(results: dict, out, video_format: str = "gif", fps: int = 10) -
     if videos:
         import imageio.v2 as iio2
         import imageio.v3 as iio3
+        if video_format == "mp4":
+            require("imageio_ffmpeg", "video", "--video-format mp4 (or use gif)")
         vd = out / "videos"
         vd.mkdir(exist_ok=True)
         for ep, frames in sorted(videos.items()):
             f = vd / f"episode_{ep:03d}.{video_format}"
             frames = list(frames) + [frames[-1]] * max(1, fps // 2)  # hold the last frame half a second
-            if video_format == "gif":
-                iio3.imwrite(f, np.stack(frames), duration=1000.0 / fps, loop=0)  # pillow: ms per frame
-            else:  # mp4 through imageio-ffmpeg
-                iio2.mimwrite(f, frames, fps=fps, macro_block_size=1)
+            tmp = f.with_name(f".{f.stem}.tmp-{os.getpid()}{f.suffix}")
+            try:
+                if video_format == "gif":
+                    iio3.imwrite(tmp, np.stack(frames), duration=1000.0 / fps, loop=0)  # pillow: ms per frame
+                else:  # mp4 through imageio-ffmpeg
+                    iio2.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
+                os.replace(tmp, f)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise UserError(f"could not write video {f}: {e.strerror or e}; results.json was not "
+                                "changed") from None
             paths.append(str(f))
     clean["videos"] = paths
     tmp = out / f".results.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(clean, indent=2))
-    os.replace(tmp, out / "results.json")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(clean, indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out / "results.json")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        prev = "the previous one is intact" if (out / "results.json").exists() else "none was written"
+        raise UserError(f"could not write {out / 'results.json'}: {e.strerror or e}"
+                        f"{' (the disk is full)' if e.errno == 28 else ''}; {prev}") from None
     return clean
