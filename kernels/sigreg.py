@@ -451,7 +451,7 @@ _INTERPRETED = _utils.interpreted(_ecf_sums_fwd_kernel)
 p2 = _utils.p2
 
 
-def _block_sizes(T: int, B: int, D: int, M: int, K: int, interpreted: bool) -> dict:
+def _block_sizes(T: int, B: int, D: int, M: int, K: int, interpreted: bool, itemsize: int = 4) -> dict:
     """Tile sizes for the kernels (a heuristic, not autotuning: the interpreter cannot autotune).
 
     fwd: BLOCK_B / BLOCK_M / BLOCK_D of pass 1 and BLOCK_K of pass 2 (the same BLOCK_M); bwd: the
@@ -461,12 +461,15 @@ def _block_sizes(T: int, B: int, D: int, M: int, K: int, interpreted: bool) -> d
     as large as the problem (few programs, usually one B block: no pass 2). On the GPU the tiles are
     small (BLOCK_B = BLOCK_M = 32, four warps): the grid T x cdiv(B, 32) x cdiv(M, 32) then holds
     several CTAs per SM at SIGReg's sizes, each with a handful of (BLOCK_B, BLOCK_M) tiles in
-    registers (h, the rotation and the running cos / sin) and no spills (see the sm_90 test)."""
+    registers (h, the rotation and the running cos / sin) and no spills (see the sm_90 test). fp64
+    (itemsize 8, the gradcheck path) halves BLOCK_B and BLOCK_D: its registers are twice as wide."""
     block_k = triton.next_power_of_2(K)
     if interpreted:
         tiles = dict(BLOCK_B=p2(B, 16, 128), BLOCK_M=p2(M, 16, 128), BLOCK_D=p2(D, 16, 128))
     else:
-        tiles = dict(BLOCK_B=p2(B, 16, 32), BLOCK_M=p2(M, 16, 32), BLOCK_D=p2(D, 16, 64))
+        wide = itemsize > 4
+        tiles = dict(BLOCK_B=p2(B, 16, 16 if wide else 32), BLOCK_M=p2(M, 16, 32),
+                     BLOCK_D=p2(D, 16, 32 if wide else 64))
     return dict(fwd=dict(tiles, BLOCK_K=block_k), bwd=dict(tiles), num_warps=4)
 
 
@@ -691,7 +694,7 @@ class FusedECFSums(torch.autograd.Function):
         # Strides are passed, so views cost no copy; A's rows are short, it is read as it is.
         z_k = _unit_inner_stride(z_k)
         t_k = t.to(cdtype).contiguous()
-        cfg = _block_sizes(T, B, D, M, K, not _utils.gpu_tiles())
+        cfg = _block_sizes(T, B, D, M, K, not _utils.gpu_tiles(), torch.finfo(cdtype).bits // 8)
         blocks = cfg["fwd"]
         _check_dot_dims(blocks)
         tiles = {n: blocks[n] for n in ("BLOCK_B", "BLOCK_M", "BLOCK_D")}
@@ -747,7 +750,7 @@ class FusedECFSums(torch.autograd.Function):
             else grad_cos.to(cdtype)
         grad_sin = torch.zeros((T, M, K), device=z.device, dtype=cdtype) if grad_sin is None \
             else grad_sin.to(cdtype)
-        cfg = _block_sizes(T, B, D, M, K, not _utils.gpu_tiles())
+        cfg = _block_sizes(T, B, D, M, K, not _utils.gpu_tiles(), torch.finfo(cdtype).bits // 8)
         blocks = cfg["bwd"]
         _check_dot_dims(blocks)
 
