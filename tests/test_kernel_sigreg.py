@@ -424,7 +424,6 @@ def test_sincos_poly_accuracy():
 
 
 def _k_nan(kernel):
-    import triton
     x = torch.tensor([float("nan"), float("inf"), -float("inf")])
     c, s = torch.empty_like(x), torch.empty_like(x)
     kernel[(1,)](x, c, s, 3, BLOCK=16)
