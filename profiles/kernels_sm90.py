@@ -22,8 +22,8 @@ What it does:
    of the offset into a 256-byte-aligned allocation, as on the GPU.
 3. Compiles each specialisation for sm_90 (`triton.compile(ASTSource(...), target=GPUTarget("cuda",
    90, 32))`), then reads: registers and shared memory (cuobjdump -res-usage of the cubin; dynamic
-   shared memory from the kernel's metadata), stack frame and spill bytes (ptxas -v on the PTX, with
-   the options triton used), the SASS opcodes (cuobjdump --dump-sass: HGMMA = wgmma, HMMA =
+   shared memory from the kernel's metadata), stack frame and spill bytes (ptxas -v: the compile's
+   own log, or on a triton cache hit ptxas run again on the PTX with the options triton uses), the SASS opcodes (cuobjdump --dump-sass: HGMMA = wgmma, HMMA =
    mma.sync, FFMA, DFMA, and LDL/STL local-memory accesses) and whether the kernel has a tl.dot on
    bf16 operands (from the TTIR).
 4. Occupancy on an H100/H200 SM (65,536 registers in 256-register warp allocations, 64 warps, 228 KB
@@ -220,12 +220,14 @@ def analyse(ck) -> dict:
                              check=True).stdout
         sass = subprocess.run([nvidia_bin("cuobjdump"), "--dump-sass", str(cubin)], capture_output=True,
                               text=True, check=True).stdout
-        ptx = Path(tmp) / "k.ptx"
-        ptx.write_text(ck.asm["ptx"])
-        fmad = [] if getattr(md, "enable_fp_fusion", True) else ["--fmad=false"]
-        log = subprocess.run([nvidia_bin("ptxas"), *_ptxas_extra(), *fmad, "-v", f"--gpu-name={_sm_arch()}",
-                              str(ptx), "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True)
-        log = log.stderr + log.stdout
+        log = getattr(ck, "_lewm_ptxas_log", None)
+        if log is None:  # a cache hit: run ptxas -v on the PTX with the options triton uses
+            ptx = Path(tmp) / "k.ptx"
+            ptx.write_text(ck.asm["ptx"])
+            fmad = [] if getattr(md, "enable_fp_fusion", True) else ["--fmad=false"]
+            r = subprocess.run([nvidia_bin("ptxas"), *_ptxas_extra(), *fmad, "-v", f"--gpu-name={_sm_arch()}",
+                                str(ptx), "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True)
+            log = r.stderr + r.stdout
     m = _RES.search(res)
     regs, stack, static_smem, local = (int(v) for v in m.groups()) if m else (0, 0, 0, 0)
     p = _PTXAS.search(log)
@@ -244,13 +246,36 @@ def analyse(ck) -> dict:
 
 
 def compile_spec(fn, sig, consts, attrs, options):
+    """triton.compile for sm_90. When the compile runs ptxas (not a cache hit), its -v log is kept
+    on the result (`_lewm_ptxas_log`), so `analyse` need not run ptxas a second time."""
+    import contextlib
+    import io
+
     import triton
     from triton.compiler import ASTSource
     src = ASTSource(fn, sig, consts, attrs)
     opts = {k: v for k, v in options.items() if k in ("num_warps", "num_stages", "num_ctas", "maxnreg",
                                                       "enable_fp_fusion", "launch_cooperative_grid",
                                                       "debug", "ptx_options")}
-    return triton.compile(src, target=_target(), options=opts)
+    buf = io.StringIO()
+    knob = None
+    try:
+        from triton import knobs
+        knob = knobs.nvidia
+        old = knob.dump_ptxas_log
+        knob.dump_ptxas_log = True
+    except Exception:  # pragma: no cover - a triton without the knob: analyse runs ptxas itself
+        knob = None
+    try:
+        with contextlib.redirect_stdout(buf):
+            ck = triton.compile(src, target=_target(), options=opts)
+    finally:
+        if knob is not None:
+            knob.dump_ptxas_log = old
+    log = buf.getvalue()
+    if "bytes stack frame" in log:
+        ck._lewm_ptxas_log = log
+    return ck
 
 
 def occupancy(regs: int, smem: int, warps: int) -> int:
