@@ -366,6 +366,8 @@ def build_rows(configs, plan_iterations: int = 30, points=(1, 2), preset: str = 
                        bf16_dot=a["bf16_dot"], spec=hashlib.sha1(key.encode()).hexdigest()[:8],
                        source="legacy shim" if str(tag).startswith("legacy:") else "launch")
             rows.append(row)
+            if any(row["spec"] in q for q in problems):
+                continue
             if spills:
                 problems.append(f"{config} {lr.name} [{row['spec']}]: {a['spill_stores']} B spill stores, "
                                 f"{a['spill_loads']} B spill loads per thread")
