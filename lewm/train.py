@@ -167,11 +167,19 @@ def save_checkpoint(out: Path, model: LeWM, opt, step: int, keep: int, extra: di
     final = root / f"step_{step:08d}"
     try:
         return _save_checkpoint(root, final, model, opt, step, keep, extra, device)
-    except OSError as e:
+    except Exception as e:
+        if not _is_write_error(e):
+            raise
         prev = find_latest(out)
-        raise UserError(f"could not write checkpoint {final}: {e.strerror or e}"
-                        f"{' (the disk is full)' if e.errno == 28 else ''}; nothing was changed, the last "
+        full = getattr(e, "errno", None) == 28 or "os error 28" in str(e) or "No space left" in str(e)
+        why = "No space left on device (the disk is full)" if full else (getattr(e, "strerror", None) or str(e))
+        raise UserError(f"could not write checkpoint {final}: {why}; nothing was changed, the last "
                         f"complete checkpoint is {prev if prev else 'none'}") from None
+
+
+def _is_write_error(e: Exception) -> bool:
+    """OSError, or safetensors' own error for a failed write (it wraps the OS error in its message)."""
+    return isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and "I/O error" in str(e))
 
 
 def _save_checkpoint(root, final, model, opt, step, keep, extra, device) -> Path:
@@ -683,7 +691,10 @@ class Trainer:
             if bar:
                 bar.close()
             if metrics_f:
-                metrics_f.close()
+                try:
+                    metrics_f.close()
+                except OSError:  # a full disk: the error that stopped the run is the one to report
+                    pass
         if self.dist.main:
             plot_curves(out / "metrics.jsonl", out / "curves.png")
         return last

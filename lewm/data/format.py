@@ -175,14 +175,28 @@ class H5Writer:
             raise DataError(f"{self.path}: directory '{self.path.parent}' does not exist")
         if self.path.exists() and not overwrite:
             raise DataError(f"{self.path}: file exists (pass --overwrite to replace it)")
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self.f = h5py.File(str(self.tmp), "w")
+        self.overwrite = overwrite
+        self._lock = _lock_for_writing(self.path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            self.f = h5py.File(str(self.tmp), "w")
+        except BaseException:
+            self._unlock()
+            raise
+        # HDF5 writes some data when h5py frees an object (a chunk cache, metadata), inside __dealloc__,
+        # where a failed write (a full disk) is only printed ("Exception ignored in ..."): while this writer
+        # is open such failures are recorded instead and raised by the next write (see _guard)
+        import sys
+        self._failure = None
+        self._prev_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
         self.attrs = dict(attrs or {})
         self.rows = 0  # rows added (written + pending)
         self.written = 0  # rows on disk: a multiple of CHUNK_ROWS until close()
         self.pending: dict[str, list[np.ndarray]] = {}
         self.ep_len: list[int] = []
         self.columns: list[str] | None = None
+        self._ds: dict = {}
 
     def add_episode(self, cols: dict) -> None:
         lens = {k: len(v) for k, v in cols.items()}
@@ -194,13 +208,15 @@ class H5Writer:
             for k in self.columns:
                 a = np.asarray(cols[k])
                 chunks = (CHUNK_ROWS, *a.shape[1:]) if a.ndim >= 1 else None
-                self.f.create_dataset(k, shape=(0, *a.shape[1:]), maxshape=(None, *a.shape[1:]),
+                # handles kept open while writing: a dataset handle freed mid-write flushes its chunk cache in
+                # h5py's __dealloc__, where a failed write (a full disk) could only be printed, not raised
+                self._ds[k] = self.f.create_dataset(k, shape=(0, *a.shape[1:]), maxshape=(None, *a.shape[1:]),
                                       dtype=a.dtype, chunks=chunks, **_compression_kwargs(a.ndim))
         elif sorted(cols) != self.columns:
             raise DataError(f"{self.path}: episode columns {sorted(cols)} differ from the first episode's "
                             f"{self.columns}")
         for k in self.columns:
-            self.pending.setdefault(k, []).append(np.asarray(cols[k]).astype(self.f[k].dtype, copy=False))
+            self.pending.setdefault(k, []).append(np.asarray(cols[k]).astype(self._ds[k].dtype, copy=False))
         self.rows += n
         self.ep_len.append(n)
         self._flush(final=False)
@@ -212,13 +228,72 @@ class H5Writer:
             n = n // CHUNK_ROWS * CHUNK_ROWS
         if n <= 0 or self.columns is None:
             return
-        for k in self.columns:
-            buf = np.concatenate(self.pending[k]) if len(self.pending[k]) > 1 else self.pending[k][0]
-            d = self.f[k]
-            d.resize(self.written + n, axis=0)
-            d[self.written:self.written + n] = buf[:n]
-            self.pending[k] = [buf[n:]] if len(buf) > n else []
+
+        self._check_space(sum(a.nbytes for k in self.columns for a in self.pending[k]))  # an upper bound
+
+        def write():
+            for k in self.columns:
+                buf = np.concatenate(self.pending[k]) if len(self.pending[k]) > 1 else self.pending[k][0]
+                d = self._ds[k]
+                d.resize(self.written + n, axis=0)
+                d[self.written:self.written + n] = buf[:n]
+                self.pending[k] = [buf[n:]] if len(buf) > n else []
+
+        self._guard(write)
         self.written += n
+
+    def _guard(self, fn):
+        """Run a write; an OS-level failure (a full disk), raised or recorded by _unraisable, discards the
+        partial file and raises one DataError."""
+        try:
+            out = fn()
+        except (OSError, RuntimeError) as e:
+            if not _is_write_error(e):
+                raise
+            self._failure = self._failure or _WriteFailure(e)
+            out = None
+        if self._failure is not None:
+            err = self._failure
+            self._discard()
+            raise self._write_error(err) from None
+        return out
+
+    def _check_space(self, nbytes: int) -> None:
+        """Refuse a write that cannot fit before HDF5 attempts it: HDF5 reports some failed writes only
+        from h5py's object destructors, as printed tracebacks rather than exceptions. The estimate is the
+        uncompressed size plus 10% and 64 KiB of metadata; a write that fails anyway is still caught."""
+        try:
+            st = os.statvfs(self.tmp.parent)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < nbytes * 1.1 + (64 << 10):
+            self._failure = _WriteFailure(OSError(28, f"No space left on device ({free} bytes free, about "
+                                                      f"{nbytes} to write)"))
+            err = self._failure
+            self._discard()
+            raise self._write_error(err) from None
+
+    def _unraisable(self, u) -> None:
+        e = u.exc_value
+        if isinstance(e, (OSError, RuntimeError)) and _is_write_error(e) and "file write failed" in str(e):
+            if self._failure is None:
+                self._failure = _WriteFailure(e)
+            return
+        self._prev_hook(u)
+
+    def _discard(self) -> None:
+        import gc
+        self.abort()  # HDF5 objects of the failed file may still report failed flushes when freed: recorded
+        gc.collect()
+        self._restore_hook()
+
+    def _restore_hook(self) -> None:
+        import sys
+        if getattr(self, "_prev_hook", None) is not None:
+            if sys.unraisablehook == self._unraisable:
+                sys.unraisablehook = self._prev_hook
+            self._prev_hook = None
 
     def close(self) -> Path:
         self._flush(final=True)
@@ -228,12 +303,31 @@ class H5Writer:
         self.f.create_dataset("ep_offset", data=ep_offset)
         for k, v in self.attrs.items():
             self.f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
-        self.f.flush()
-        self.f.close()
-        os.replace(self.tmp, self.path)
+
+        def finish():
+            self.f.flush()
+            self._ds.clear()
+            self.f.close()
+            with open(self.tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+
+        self._guard(finish)
+        if self.overwrite:
+            os.replace(self.tmp, self.path)
+        else:
+            try:  # atomic "create if absent": a file that appeared meanwhile is never replaced
+                os.link(self.tmp, self.path)
+            except FileExistsError:
+                raise DataError(f"{self.path}: file appeared while this run was writing (another "
+                                "`lewm collect`?); it was kept, pass --overwrite to replace it") from None
+            os.remove(self.tmp)
+        self._unlock()
+        self._restore_hook()
         return self.path
 
     def abort(self) -> None:
+        """Remove the temporary file and release the lock (idempotent)."""
+        self._ds.clear()
         try:
             self.f.close()
         except Exception:
@@ -242,6 +336,14 @@ class H5Writer:
             os.remove(self.tmp)
         except FileNotFoundError:
             pass
+        self._unlock()
+        if self._failure is None:
+            self._restore_hook()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            _unlock(self._lock)
+            self._lock = None
 
     def __enter__(self):
         return self
@@ -252,6 +354,60 @@ class H5Writer:
         else:
             self.abort()
         return False
+
+    def _write_error(self, e) -> DataError:
+        full = getattr(e, "errno", None) == 28 or "No space left" in str(e) or "errno = 28" in str(e)
+        kept = "the existing file was not changed" if self.path.exists() else "no file was written"
+        return DataError(f"{self.path}: writing failed ({'the disk is full' if full else e}); {kept}, the "
+                         "partial temporary file was removed")
+
+
+class _WriteFailure:
+    """The message and errno of a failed write, without its traceback."""
+
+    def __init__(self, e: Exception):
+        self.errno, self.text = getattr(e, "errno", None), str(e)
+
+    def __str__(self):
+        return self.text
+
+
+def _is_write_error(e) -> bool:
+    """An OS-level write failure: OSError, or h5py's RuntimeError carrying the OS error ("file write
+    failed ... errno = 28")."""
+    if isinstance(e, FileNotFoundError):
+        return False
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and "errno = " in str(e))
+
+
+def _lock_for_writing(path: Path):
+    """An exclusive lock (flock) on .NAME.lock beside `path`, held while one writer writes `path`: a
+    second writer (another `lewm collect` into the same path) is refused at once instead of racing."""
+    import fcntl
+    lock = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        raise DataError(f"{path}: another process{' (pid ' + other + ')' if other else ''} is writing this "
+                        f"file (lock {lock.name}); wait for it or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd, lock
+
+
+def _unlock(lock) -> None:
+    import fcntl
+    fd, path = lock
+    try:
+        path.unlink(missing_ok=True)  # while still holding it: a later writer makes a fresh lock file
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def episode_actions_with_nan_tail(actions: np.ndarray) -> np.ndarray:
