@@ -79,9 +79,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import _utils
+
 __all__ = [
     "RolloutWeights",
     "RolloutWorkspace",
+    "RolloutConfig",
+    "rollout_config",
+    "build_phases",
+    "phase_costs",
     "fused_rollout",
     "rollout_reference",
     "action_modulation_reference",
@@ -94,12 +100,6 @@ _DOT_IEEE = 0  # fp32 x fp32, input_precision="ieee" (exact fp32, no tf32)
 _DOT_NATIVE = 1  # A cast to the weights' dtype (bf16 / fp16), tensor cores, fp32 accumulation
 _DOT_UPCAST = 2  # both operands to fp32 (the interpreter's answer to bf16 weights)
 
-# Epilogues of `_matmul_kernel` (constexpr).
-_EPI_STORE = 0  # out = act(A @ W + b)
-_EPI_RESIDUAL = 1  # out += gate * (A @ W + b)     (out: the fp32 residual stream)
-_EPI_COST = 2  # out = A @ W + b; cost[n] = ||out - goal[n // rows_per_goal]||^2
-
-_ACT_NONE, _ACT_SILU, _ACT_GELU = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,13 +356,9 @@ def rollout_reference(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor
 
 
 def _interpreted() -> bool:
-    """True when the kernels below were built by the Triton interpreter (TRITON_INTERPRET=1 set
-    before this module was imported): then they run on CPU tensors."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-        return isinstance(_matmul_kernel, InterpretedFunction)
-    except ImportError:  # pragma: no cover
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernel below was built by the Triton interpreter (TRITON_INTERPRET=1 set before
+    this module was imported): then it runs on CPU tensors."""
+    return _utils.interpreted(_rollout_kernel)
 
 
 def _check_inputs(w: RolloutWeights, z0, actions, goal, need_kernel_device: bool):
@@ -413,19 +409,27 @@ def _check_inputs(w: RolloutWeights, z0, actions, goal, need_kernel_device: bool
 
 
 # ----------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton: one kernel, five kinds of work item
 # ----------------------------------------------------------------------------------------------------
+
+# Work-item kinds (column 0 of the phase table).
+_ACT, _MOD, _ATT, _MLP, _HEAD = 0, 1, 2, 3, 4
+_PHASE_NAMES = {_ACT: "action-encoder", _MOD: "modulation", _ATT: "attention", _MLP: "mlp", _HEAD: "pred_proj"}
+_PT_COLS = 16  # ints per phase-table row
+
+# Phase-table columns.
+_C_TYPE, _C_START, _C_ITEMS, _C_SPLIT, _C_I, _C_LO, _C_P0, _C_T, _C_Q0, _C_L, _C_LAST, _C_NLO, _C_NP0, _C_NT = range(14)
 
 
 @triton.jit
 def _dot(a, b, DOT: tl.constexpr):
-    """a (BM, BK) float32 @ b (BK, BN) weights -> float32, by DOT mode (see _DOT_*)."""
+    """a (BM, BK) @ b (BK, BN) -> float32, by DOT mode (see _DOT_*); fp32 accumulation always."""
     if DOT == 0:
-        r = tl.dot(a, b.to(tl.float32), input_precision="ieee")
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
     elif DOT == 1:
-        r = tl.dot(a.to(b.dtype), b)
+        r = tl.dot(a.to(b.dtype), b, out_dtype=tl.float32)
     else:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
     return r
 
 
@@ -439,358 +443,655 @@ def _act(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _norm_matmul_kernel(
-    x_ptr, s_xn, s_xt,  # input rows: row (n, t) at x_ptr + n*s_xn + t*s_xt (D floats)
-    pos_ptr,  # EMBED: (TN, D) positional rows added to the input
-    xo_ptr, s_xon, s_xot,  # EMBED: where the embedded residual rows are written
-    mod_ptr, s_mn, s_mt,  # MODULATE: shift at mod_ptr + n*s_mn + t*s_mt, scale D floats further
-    lnw_ptr, lnb_ptr,  # the affine LayerNorm (D,)
-    w_ptr, s_wk, b_ptr,  # weight (D, NOUT) with row stride s_wk; bias (NOUT,)
-    out_ptr, s_on, s_ot,  # output rows (NOUT values each, any float dtype)
-    M, TN, D, NOUT, eps_mod, eps_ln,
-    EMBED: tl.constexpr, MODULATE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """out[r, cols] = act(LN_affine(modulate(LN(x[r]), shift[r], scale[r])) @ W[:, cols] + b[cols]).
-
-    Rows r = n * TN + t (M = N * TN). Grid (cdiv(M, BLOCK_M), cdiv(NOUT, BLOCK_N)); every program
-    holds whole rows (BLOCK_D >= D) so both LayerNorms are computed in registers, and the tile product
-    runs over K = D at once. Without MODULATE only the affine LayerNorm is applied (the final norm)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    n = (rows // TN).to(tl.int64)
-    t = (rows % TN).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    m2 = rmask[:, None] & dmask[None, :]
-
-    x = tl.load(x_ptr + n[:, None] * s_xn + t[:, None] * s_xt + d[None, :], mask=m2, other=0.0).to(tl.float32)
-    if EMBED:
-        x += tl.load(pos_ptr + t[:, None] * D + d[None, :], mask=m2, other=0.0)
-        if pid_n == 0:  # every column block computes the same rows; one writes them
-            tl.store(xo_ptr + n[:, None] * s_xon + t[:, None] * s_xot + d[None, :], x, mask=m2)
-    if MODULATE:
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(m2, x - mean[:, None], 0.0)
-        var = tl.sum(xc * xc, axis=1) / D
-        x = xc * (1.0 / tl.sqrt(var + eps_mod))[:, None]
-        mrow = mod_ptr + n[:, None] * s_mn + t[:, None] * s_mt + d[None, :]
-        shift = tl.load(mrow, mask=m2, other=0.0)
-        scale = tl.load(mrow + D, mask=m2, other=0.0)
-        x = x * (1.0 + scale) + shift
+def _ln(x, dmask, D, eps):
+    """Row LayerNorm without affine of x (BM, BD) whose padded columns are 0; padded columns stay 0."""
     mean = tl.sum(x, axis=1) / D
-    xc = tl.where(m2, x - mean[:, None], 0.0)
+    xc = tl.where(dmask[None, :], x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / D
-    g = tl.load(lnw_ptr + d, mask=dmask, other=0.0)
-    bb = tl.load(lnb_ptr + d, mask=dmask, other=0.0)
-    h = xc * (1.0 / tl.sqrt(var + eps_ln))[:, None] * g[None, :] + bb[None, :]  # padded cols: 0
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < NOUT
-    wt = tl.load(w_ptr + d[:, None] * s_wk + cols[None, :], mask=dmask[:, None] & cmask[None, :], other=0.0)
-    acc = _dot(h, wt, DOT)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
-    acc = _act(acc, ACT)
-    o = out_ptr + n[:, None] * s_on + t[:, None] * s_ot + cols[None, :]
-    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    return xc * (1.0 / tl.sqrt(var + eps))[:, None]
 
 
 @triton.jit
-def _attn_out_kernel(
-    qkv_ptr, s_qn, s_qs,  # per-layer cache (N, W, 3I): slot s of candidate n at qkv_ptr + n*s_qn + s*s_qs
-    w_ptr, s_wk, b_ptr,  # out projection (I, D), bias (D,)
-    gate_ptr, s_gn, s_gt,  # gate rows (D floats) of the query tokens
-    x_ptr, s_xn, s_xt,  # residual rows of the query tokens (updated in place)
-    M, TQ, Q0, D, INNER, HEADS, DH, sm_scale,
-    T_KEYS: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
-):
-    """x[r, cols] += gate[r, cols] * (Attention(q_r; keys 0..slot_r) @ W_out[:, cols] + b[cols]).
+def _mlp_tile(arow, amask, K, w1_ptr, s_w1, b1_ptr, f_lo, f_hi, w2_ptr, D, d, dmask,
+              ACT: tl.constexpr, DOT: tl.constexpr,
+              BM: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
+    """sum over hidden f in [f_lo, f_hi) of act(A @ W1[:, f] + b1[f]) @ W2[f, :] -> (BM, BD) float32.
+    A rows at arow (BM,) pointers, K values each; W1 (K, *) with row stride s_w1; W2 (*, D).
+    The hidden tile (BM, BF) never leaves registers."""
+    kk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    for f0 in range(f_lo, f_hi, BF):
+        f = f0 + tl.arange(0, BF)
+        fm = f < f_hi
+        hid = tl.zeros((BM, BF), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            km = (k0 + kk) < K
+            a = tl.load(arow[:, None] + k0 + kk[None, :], mask=amask[:, None] & km[None, :], other=0.0,
+                        cache_modifier=".cg")
+            wt = tl.load(w1_ptr + (k0 + kk)[:, None] * s_w1 + f[None, :], mask=km[:, None] & fm[None, :], other=0.0)
+            hid += _dot(a, wt, DOT)
+        hid = _act(hid + tl.load(b1_ptr + f, mask=fm, other=0.0)[None, :], ACT)
+        w2 = tl.load(w2_ptr + f[:, None] * D + d[None, :], mask=fm[:, None] & dmask[None, :], other=0.0)
+        acc += _dot(hid, w2, DOT)
+    return acc
 
-    Rows r = n * TQ + t are query tokens at window slots Q0 + t; keys are slots 0..T_KEYS-1 (<= 3),
-    causal. Attention runs in registers with an online softmax over the keys, one head at a time; each
-    head's output (BLOCK_M, dh) is immediately multiplied into the out-projection accumulator (the
-    heads are the K loop of that GEMM). Grid (cdiv(M, BLOCK_M), cdiv(D, BLOCK_N))."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    n = (rows // TQ).to(tl.int64)
-    t = (rows % TQ).to(tl.int64)
-    slot = Q0 + t
-    e = tl.arange(0, BLOCK_DH)
+
+@triton.jit
+def _row_stats(row, nmask, D, mean, BM: tl.constexpr, BC: tl.constexpr):
+    """rstd = 1 / sqrt(var + 0) pieces: sum over the row of (v - mean)^2, in column chunks."""
+    c = tl.arange(0, BC)
+    acc = tl.zeros((BM,), dtype=tl.float32)
+    for c0 in range(0, D, BC):
+        cm = nmask[:, None] & ((c0 + c) < D)[None, :]
+        v = tl.load(row[:, None] + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+        dv = tl.where(cm, v - mean[:, None], 0.0)
+        acc += tl.sum(dv * dv, axis=1)
+    return acc / D
+
+
+@triton.jit
+def _normalize_rows(xrow, nmask, D, mrow, tmprow, lnw_ptr, lnb_ptr, hrow, eps_mod, eps_ln,
+                    MODULATE: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """h = LN_affine(LN(x) * (1 + scale) + shift) (MODULATE) or LN_affine(x), for rows xrow (BM,)
+    of D floats, in column chunks of BC (no full row is ever held in registers). mrow points at each
+    row's (shift, scale) pair in the modulation table (scale holds 1 + scale); tmprow is fp32 scratch
+    for the modulated rows. Two-pass (centred) variances, as F.layer_norm."""
+    c = tl.arange(0, BC)
+    s1 = tl.zeros((BM,), dtype=tl.float32)
+    for c0 in range(0, D, BC):
+        cm = nmask[:, None] & ((c0 + c) < D)[None, :]
+        s1 += tl.sum(tl.load(xrow[:, None] + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg"), axis=1)
+    mean = s1 / D
+    rstd = 1.0 / tl.sqrt(_row_stats(xrow, nmask, D, mean, BM, BC) + (eps_mod if MODULATE else eps_ln))
+    src = xrow
+    if MODULATE:
+        s1 = tl.zeros((BM,), dtype=tl.float32)
+        for c0 in range(0, D, BC):
+            cm = nmask[:, None] & ((c0 + c) < D)[None, :]
+            x = tl.load(xrow[:, None] + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+            shift = tl.load(mrow[:, None] + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+            scale = tl.load(mrow[:, None] + D + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+            y = tl.where(cm, (x - mean[:, None]) * rstd[:, None] * scale + shift, 0.0)
+            tl.store(tmprow[:, None] + c0 + c[None, :], y, mask=cm)
+            s1 += tl.sum(y, axis=1)
+        tl.debug_barrier()
+        mean = s1 / D
+        rstd = 1.0 / tl.sqrt(_row_stats(tmprow, nmask, D, mean, BM, BC) + eps_ln)
+        src = tmprow
+    for c0 in range(0, D, BC):
+        cmk = (c0 + c) < D
+        cm = nmask[:, None] & cmk[None, :]
+        v = tl.load(src[:, None] + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+        g = tl.load(lnw_ptr + c0 + c, mask=cmk, other=0.0)
+        b = tl.load(lnb_ptr + c0 + c, mask=cmk, other=0.0)
+        h = (v - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
+        tl.store(hrow[:, None] + c0 + c[None, :], h.to(hrow.dtype.element_ty), mask=cm)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _finish(typ, tq, nsplit, n64, nmask, l, lo, i, last_step,
+            x_ptr, h_ptr, z_ptr, mod_ptr, part_ptr, cost_ptr, goal_ptr,
+            out_b, fc2_b, head_b2, attn_ln_w, attn_ln_b, mlp_ln_w, mlp_ln_b, norm_w, norm_b,
+            N, H, D, L, W, rows_per_goal, eps_mod, eps_attn, eps_mlp, eps_out,
+            HAS_GOAL: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """What follows a GEMM whose partial sums (nsplit of them, in part[g, n, tq]) are all written, for
+    token tq: ATT: x += gate_a * (sum + b_out), then the MLP branch input; MLP: x += gate_m * (sum + b),
+    then the next layer's attention input, or in the last layer the final LayerNorm; HEAD:
+    z[i+1] = sum + b, and on the last step the cost ||z - goal||^2. The splits are summed in a fixed
+    order (deterministic); everything runs in column chunks of BC."""
+    c = tl.arange(0, BC)
+    L6D = L * 6 * D
+    mrow = mod_ptr + (n64 * H + lo + tq) * L6D + l * 6 * D  # this token's layer-l modulation
+    xrow = x_ptr + (n64 * W + tq) * D
+    hrow = h_ptr + (n64 * W + tq) * D
+    prow = part_ptr + (n64 * W + tq) * D  # split g at + g * N * W * D
+    pstride = N * W * D
+    if typ == 4:
+        zrow = z_ptr + (n64 * (H + 1) + i + 1) * D
+        cost = tl.zeros((BM,), dtype=tl.float32)
+        for c0 in range(0, D, BC):
+            cmk = (c0 + c) < D
+            cm = nmask[:, None] & cmk[None, :]
+            s = tl.zeros((BM, BC), dtype=tl.float32)
+            for g in range(0, nsplit):
+                s += tl.load(prow[:, None] + g * pstride + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+            zn = s + tl.load(head_b2 + c0 + c, mask=cmk, other=0.0)[None, :]
+            tl.store(zrow[:, None] + c0 + c[None, :], zn, mask=cm)
+            if HAS_GOAL:
+                gl = tl.load(goal_ptr + (n64 // rows_per_goal)[:, None] * D + c0 + c[None, :], mask=cm, other=0.0)
+                dz = tl.where(cm, zn - gl, 0.0)
+                cost += tl.sum(dz * dz, axis=1)
+        if HAS_GOAL:
+            if last_step != 0:
+                tl.store(cost_ptr + n64, cost, mask=nmask)
+        tl.debug_barrier()
+    else:
+        gate_off = 2 * D if typ == 2 else 5 * D
+        bias = out_b + l * D if typ == 2 else fc2_b + l * D
+        for c0 in range(0, D, BC):
+            cmk = (c0 + c) < D
+            cm = nmask[:, None] & cmk[None, :]
+            s = tl.zeros((BM, BC), dtype=tl.float32)
+            for g in range(0, nsplit):
+                s += tl.load(prow[:, None] + g * pstride + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+            gate = tl.load(mrow[:, None] + gate_off + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+            x = tl.load(xrow[:, None] + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+            x += gate * (s + tl.load(bias + c0 + c, mask=cmk, other=0.0)[None, :])
+            tl.store(xrow[:, None] + c0 + c[None, :], x, mask=cm)
+        tl.debug_barrier()
+        if typ == 2:
+            _normalize_rows(xrow, nmask, D, mrow + 3 * D, prow, mlp_ln_w + l * D, mlp_ln_b + l * D, hrow,
+                            eps_mod, eps_mlp, True, BM, BC)
+        elif l + 1 < L:
+            _normalize_rows(xrow, nmask, D, mrow + 6 * D, prow, attn_ln_w + (l + 1) * D, attn_ln_b + (l + 1) * D,
+                            hrow, eps_mod, eps_attn, True, BM, BC)
+        else:  # the predictor's final LayerNorm: pred_proj's input
+            _normalize_rows(xrow, nmask, D, mrow, prow, norm_w, norm_b, hrow, eps_mod, eps_out, False, BM, BC)
+
+
+@triton.jit
+def _prep_step(n64, nmask, nlo, np0, nT, x_ptr, h_ptr, z_ptr, mod_ptr, part_ptr, pos_ptr, attn_ln_w, attn_ln_b,
+               N, H, D, L, W, eps_mod, eps_attn, BM: tl.constexpr, BC: tl.constexpr):
+    """The next step's input: for its new tokens t, x = z[frame nlo + t] + pos[t], and the layer-0
+    attention input LN_affine(LN(x) * (1 + scale) + shift)."""
+    c = tl.arange(0, BC)
+    L6D = L * 6 * D
+    for t in range(np0, nT):
+        xrow = x_ptr + (n64 * W + t) * D
+        zrow = z_ptr + (n64 * (H + 1) + nlo + t) * D
+        for c0 in range(0, D, BC):
+            cmk = (c0 + c) < D
+            cm = nmask[:, None] & cmk[None, :]
+            zt = tl.load(zrow[:, None] + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+            x = zt + tl.load(pos_ptr + t * D + c0 + c, mask=cmk, other=0.0)[None, :]
+            tl.store(xrow[:, None] + c0 + c[None, :], x, mask=cm)
+        tl.debug_barrier()
+        _normalize_rows(xrow, nmask, D, mod_ptr + (n64 * H + nlo + t) * L6D, part_ptr + (n64 * W + t) * D,
+                        attn_ln_w, attn_ln_b, h_ptr + (n64 * W + t) * D, eps_mod, eps_attn, True, BM, BC)
+
+
+@triton.jit
+def _rollout_kernel(
+    ptab_ptr, ph_first, total, ctr_ptr, RB,  # phase table, first phase, ticket count, counters, row blocks
+    act_ptr, z0_ptr, goal_ptr,  # inputs: actions (N, H, A) f32, context (N, C, D) f32, goals (E, D) f32
+    z_ptr, x_ptr, h_ptr, kv_ptr, mod_ptr, se_ptr, part_ptr, cost_ptr,  # workspace (see RolloutWorkspace)
+    pos_ptr, act_w1, act_b1, act_w2, act_b2, mod_w, mod_b, attn_ln_w, attn_ln_b, qkv_w, out_w, out_b,
+    mlp_ln_w, mlp_ln_b, fc1_w, fc1_b, fc2_w, fc2_b, norm_w, norm_b, head_w1, head_b1, head_w2, head_b2,
+    N, C, H, A, D, L, HEADS, DH, FF, P, HA, W, rows_per_goal, HPG, FCW, PCW, NCH,
+    eps_mod, eps_attn, eps_mlp, eps_out, sm_scale,
+    PERSISTENT: tl.constexpr, HAS_GOAL: tl.constexpr, DOT: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, BDH: tl.constexpr,
+    BC: tl.constexpr, BE: tl.constexpr, KIND: tl.constexpr,
+):
+    """The whole rollout as work items (see the module docstring). Ticket t names one item: its phase
+    (a row of the phase table), its row block rb (BM candidates) and its split sp. PERSISTENT: programs
+    take tickets in order from an atomic counter and an item first waits until the phases before it are
+    done for its row block (an item only ever waits for smaller tickets, which running programs hold, so
+    this cannot deadlock, whatever the number of resident programs). Otherwise one launch per phase,
+    one item per program. The last item of a (phase, row block) to finish reduces the splits' partial
+    sums in a fixed order (deterministic), applies the epilogue and marks the phase done."""
+    I3 = 3 * HEADS * DH
+    INNER = HEADS * DH
+    L6D = L * 6 * D
+    d = tl.arange(0, BD)
+    dmask = d < D
+    e = tl.arange(0, BDH)
     emask = e < DH
-    me = rmask[:, None] & emask[None, :]
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < D
-    base = qkv_ptr + n[:, None] * s_qn  # (BLOCK_M, 1)
+    kk = tl.arange(0, BK)
+    done_ptr = ctr_ptr + 1
+    arrive_ptr = ctr_ptr + 1 + RB
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for hd in range(HEADS):
-        off = hd * DH + e[None, :]
-        q = tl.load(base + slot[:, None] * s_qs + off, mask=me, other=0.0).to(tl.float32) * sm_scale
-        k = tl.load(base + INNER + off, mask=me, other=0.0).to(tl.float32)
-        v = tl.load(base + 2 * INNER + off, mask=me, other=0.0).to(tl.float32)
-        m_i = tl.sum(q * k, axis=1)  # key 0 is visible to every query
-        l_i = tl.full((BLOCK_M,), 1.0, tl.float32)
-        o = v
-        for j in tl.static_range(1, T_KEYS):
-            k = tl.load(base + j * s_qs + INNER + off, mask=me, other=0.0).to(tl.float32)
-            v = tl.load(base + j * s_qs + 2 * INNER + off, mask=me, other=0.0).to(tl.float32)
-            s = tl.where(slot >= j, tl.sum(q * k, axis=1), float("-inf"))
-            m_new = tl.maximum(m_i, s)
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            l_i = l_i * alpha + p
-            o = o * alpha[:, None] + p[:, None] * v
-            m_i = m_new
-        o = o / l_i[:, None]
-        wt = tl.load(w_ptr + (hd * DH + e)[:, None] * s_wk + cols[None, :],
-                     mask=emask[:, None] & cmask[None, :], other=0.0)
-        acc += _dot(o, wt, DOT)
-
-    acc += tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
-    m2 = rmask[:, None] & cmask[None, :]
-    gate = tl.load(gate_ptr + n[:, None] * s_gn + t[:, None] * s_gt + cols[None, :], mask=m2, other=0.0)
-    xp = x_ptr + n[:, None] * s_xn + t[:, None] * s_xt + cols[None, :]
-    x = tl.load(xp, mask=m2, other=0.0)
-    tl.store(xp, x + gate * acc, mask=m2)
-
-
-@triton.jit
-def _matmul_kernel(
-    a_ptr, s_an, s_at,  # A rows (K values each): row (n, t) at a_ptr + n*s_an + t*s_at
-    w_ptr, s_wk, b_ptr,  # weight (K, NOUT), bias (NOUT,)
-    out_ptr, s_on, s_ot,  # output rows
-    gate_ptr, s_gn, s_gt,  # EPI_RESIDUAL: gate rows
-    goal_ptr, cost_ptr,  # EPI_COST: goals (E, NOUT) float32, costs (N,) float32
-    M, TN, K, NOUT, ROWS_PER_GOAL,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EPI: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """acc = A[r] @ W[:, cols] + b[cols] over rows r = n * TN + t, then by EPI:
-    0: out = act(acc); 1: out += gate * acc (in place, fp32); 2: out = acc and, as BLOCK_N >= NOUT
-    (one column block holds the whole row), cost[n] = sum_cols (acc - goal[n // ROWS_PER_GOAL])^2.
-    Grid (cdiv(M, BLOCK_M), cdiv(NOUT, BLOCK_N)); K in BLOCK_K steps, fp32 accumulation."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    n = (rows // TN).to(tl.int64)
-    t = (rows % TN).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < NOUT
-    kk = tl.arange(0, BLOCK_K)
-    arow = a_ptr + n[:, None] * s_an + t[:, None] * s_at
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + kk) < K
-        a = tl.load(arow + k0 + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        wt = tl.load(w_ptr + (k0 + kk)[:, None] * s_wk + cols[None, :],
-                     mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc += _dot(a, wt, DOT)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
-    m2 = rmask[:, None] & cmask[None, :]
-    op = out_ptr + n[:, None] * s_on + t[:, None] * s_ot + cols[None, :]
-    if EPI == 1:
-        gate = tl.load(gate_ptr + n[:, None] * s_gn + t[:, None] * s_gt + cols[None, :], mask=m2, other=0.0)
-        x = tl.load(op, mask=m2, other=0.0)
-        tl.store(op, x + gate * acc, mask=m2)
+    if PERSISTENT:
+        tk = tl.atomic_add(ctr_ptr, 1)
     else:
-        acc = _act(acc, ACT)
-        tl.store(op, acc.to(out_ptr.dtype.element_ty), mask=m2)
-        if EPI == 2:
-            g = tl.load(goal_ptr + (n // ROWS_PER_GOAL)[:, None] * NOUT + cols[None, :], mask=m2, other=0.0)
-            dlt = tl.where(m2, acc - g, 0.0)
-            tl.store(cost_ptr + n, tl.sum(dlt * dlt, axis=1), mask=rmask)
+        tk = tl.load(ptab_ptr + ph_first * 16 + 1) + tl.program_id(0)
+    ph = ph_first
+    while tk < total:
+        while tk >= tl.load(ptab_ptr + ph * 16 + 1) + tl.load(ptab_ptr + ph * 16 + 2):
+            ph += 1
+        row = ptab_ptr + ph * 16
+        if KIND == -1:  # the persistent kernel serves every kind of item
+            typ = tl.load(row + 0)
+        else:  # a kernel specialised to one kind (one launch per phase)
+            typ = KIND
+        nsplit = tl.load(row + 3)
+        i = tl.load(row + 4)
+        lo = tl.load(row + 5)
+        p0 = tl.load(row + 6)
+        T = tl.load(row + 7)
+        q0 = tl.load(row + 8)
+        l = tl.load(row + 9)
+        last_step = tl.load(row + 10)
+        item = tk - tl.load(row + 1)
+        rb = item // nsplit
+        sp = item % nsplit
+        n = rb * BM + tl.arange(0, BM)
+        nmask = n < N
+        n64 = n  # int32 offsets (every buffer is checked to hold < 2**31 elements)
+        m2 = nmask[:, None] & dmask[None, :]
+        if PERSISTENT:  # the phases before this one, for this row block
+            while tl.atomic_add(done_ptr + rb, 0, sem="acquire") < ph:
+                pass
+            tl.debug_barrier()
+
+        if typ == 0:  # ACT (split = action j): SiLU(ActionEncoder(a_j)), adaLN's input; context copy
+            j = sp
+            y = _mlp_tile(act_ptr + (n64 * H + j) * A, nmask, A, act_w1, HA, act_b1, 0, HA, act_w2, D, d, dmask,
+                          1, DOT, BM, BK, BF, BD)
+            y = _act(y + tl.load(act_b2 + d, mask=dmask, other=0.0)[None, :], 1)
+            tl.store(se_ptr + (n64 * H + j)[:, None] * D + d[None, :], y.to(se_ptr.dtype.element_ty), mask=m2)
+            if j < C:
+                zc = tl.load(z0_ptr + (n64 * C + j)[:, None] * D + d[None, :], mask=m2, other=0.0)
+                tl.store(z_ptr + (n64 * (H + 1) + j)[:, None] * D + d[None, :], zc, mask=m2)
+        elif typ == 1:  # MOD (split = (action j, column block c)): the adaLN table, with 1 + scale
+            j = sp // NCH
+            cols = (sp % NCH) * BD + d
+            cmask = cols < L6D
+            arow = se_ptr + (n64 * H + j) * D
+            acc = tl.zeros((BM, BD), dtype=tl.float32)
+            for k0 in range(0, D, BK):
+                km = (k0 + kk) < D
+                a = tl.load(arow[:, None] + k0 + kk[None, :], mask=nmask[:, None] & km[None, :], other=0.0,
+                            cache_modifier=".cg")
+                wt = tl.load(mod_w + (k0 + kk)[:, None] * L6D + cols[None, :], mask=km[:, None] & cmask[None, :],
+                             other=0.0)
+                acc += _dot(a, wt, DOT)
+            acc += tl.load(mod_b + cols, mask=cmask, other=0.0)[None, :]
+            part = (cols // D) % 6
+            acc += tl.where((part == 1) | (part == 4), 1.0, 0.0)[None, :]
+            tl.store(mod_ptr + (n64 * H + j)[:, None] * L6D + cols[None, :], acc,
+                     mask=nmask[:, None] & cmask[None, :])
+        elif typ == 2:  # ATT (split = a group of HPG heads)
+            kvrow = kv_ptr + ((l * N + n64) * W) * I3  # (BM,) this layer's cache of each candidate
+            me = nmask[:, None] & emask[None, :]
+            # q, k, v of the new tokens, for this group's heads, into the cache
+            for t in range(p0, T):
+                hrow = h_ptr + (n64 * W + t) * D
+                for hd in range(sp * HPG, sp * HPG + HPG):
+                    aq = tl.zeros((BM, BDH), dtype=tl.float32)
+                    ak = tl.zeros((BM, BDH), dtype=tl.float32)
+                    av = tl.zeros((BM, BDH), dtype=tl.float32)
+                    for k0 in range(0, D, BK):
+                        km = (k0 + kk) < D
+                        a = tl.load(hrow[:, None] + k0 + kk[None, :], mask=nmask[:, None] & km[None, :],
+                                    other=0.0, cache_modifier=".cg")
+                        wrow = qkv_w + l * D * I3 + (k0 + kk)[:, None] * I3 + hd * DH + e[None, :]
+                        wm = km[:, None] & emask[None, :]
+                        aq += _dot(a, tl.load(wrow, mask=wm, other=0.0), DOT)
+                        ak += _dot(a, tl.load(wrow + INNER, mask=wm, other=0.0), DOT)
+                        av += _dot(a, tl.load(wrow + 2 * INNER, mask=wm, other=0.0), DOT)
+                    cp = kvrow[:, None] + t * I3 + hd * DH + e[None, :]
+                    tl.store(cp, aq.to(kv_ptr.dtype.element_ty), mask=me)
+                    tl.store(cp + INNER, ak.to(kv_ptr.dtype.element_ty), mask=me)
+                    tl.store(cp + 2 * INNER, av.to(kv_ptr.dtype.element_ty), mask=me)
+            tl.debug_barrier()
+            # causal attention of each query token (online softmax over <= W keys), out projection
+            for tq in range(q0, T):
+                acc = tl.zeros((BM, BD), dtype=tl.float32)
+                for hd in range(sp * HPG, sp * HPG + HPG):
+                    hb = kvrow[:, None] + hd * DH + e[None, :]
+                    for e0 in range(0, DH, BE):  # the head's output in BE-wide column blocks (registers)
+                        ec = e0 + tl.arange(0, BE)
+                        mc = nmask[:, None] & (ec < DH)[None, :]
+                        vb = kvrow[:, None] + 2 * INNER + hd * DH + ec[None, :]
+                        q = tl.load(hb + tq * I3, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32) * sm_scale
+                        kj = tl.load(hb + INNER, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
+                        o = tl.load(vb, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
+                        m_i = tl.sum(q * kj, axis=1)  # key 0 is visible to every query
+                        l_i = tl.full((BM,), 1.0, tl.float32)
+                        for j in range(1, tq + 1):
+                            kj = tl.load(hb + j * I3 + INNER, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
+                            vj = tl.load(vb + j * I3, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
+                            sc = tl.sum(q * kj, axis=1)
+                            m_new = tl.maximum(m_i, sc)
+                            alpha = tl.exp(m_i - m_new)
+                            pj = tl.exp(sc - m_new)
+                            l_i = l_i * alpha + pj
+                            o = o * alpha[:, None] + pj[:, None] * vj
+                            m_i = m_new
+                        o = o / l_i[:, None]
+                        wt = tl.load(out_w + l * INNER * D + (hd * DH + ec)[:, None] * D + d[None, :],
+                                     mask=(ec < DH)[:, None] & dmask[None, :], other=0.0)
+                        acc += _dot(o, wt, DOT)
+                tl.store(part_ptr + ((sp * N + n64) * W + tq)[:, None] * D + d[None, :], acc, mask=m2)
+        else:  # MLP (split = hidden block of FCW) or HEAD (split = pred_proj hidden block of PCW)
+            for tq in range(q0, T):
+                arow = h_ptr + (n64 * W + tq) * D
+                if typ == 3:
+                    f_lo = sp * FCW
+                    acc = _mlp_tile(arow, nmask, D, fc1_w + l * D * FF, FF, fc1_b + l * FF, f_lo,
+                                    tl.minimum(f_lo + FCW, FF), fc2_w + l * FF * D, D, d, dmask, 2, DOT,
+                                    BM, BK, BF, BD)
+                else:
+                    f_lo = sp * PCW
+                    acc = _mlp_tile(arow, nmask, D, head_w1, P, head_b1, f_lo, tl.minimum(f_lo + PCW, P), head_w2,
+                                    D, d, dmask, 2, DOT, BM, BK, BF, BD)
+                tl.store(part_ptr + ((sp * N + n64) * W + tq)[:, None] * D + d[None, :], acc, mask=m2)
+
+        # arrival; the last item of this (phase, row block) reduces, finishes and marks it done
+        tl.debug_barrier()
+        old = tl.atomic_add(arrive_ptr + rb, 1, sem="acq_rel")
+        if old == nsplit - 1:
+            tl.atomic_xchg(arrive_ptr + rb, 0)
+            tl.debug_barrier()
+            if typ >= 2:
+                for tq in range(q0, T):
+                    _finish(typ, tq, nsplit, n64, nmask, l, lo, i, last_step, x_ptr, h_ptr, z_ptr, mod_ptr, part_ptr,
+                            cost_ptr, goal_ptr, out_b, fc2_b, head_b2, attn_ln_w, attn_ln_b, mlp_ln_w, mlp_ln_b,
+                            norm_w, norm_b, N, H, D, L, W, rows_per_goal, eps_mod, eps_attn, eps_mlp, eps_out,
+                            HAS_GOAL, BM, BC)
+            if typ == 1:  # the first step's input rows
+                _prep_step(n64, nmask, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), x_ptr, h_ptr, z_ptr,
+                           mod_ptr, part_ptr, pos_ptr, attn_ln_w, attn_ln_b, N, H, D, L, W, eps_mod, eps_attn, BM, BC)
+            elif typ == 4:  # the next step's input rows
+                if last_step == 0:
+                    _prep_step(n64, nmask, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), x_ptr, h_ptr,
+                               z_ptr, mod_ptr, part_ptr, pos_ptr, attn_ln_w, attn_ln_b, N, H, D, L, W, eps_mod,
+                               eps_attn, BM, BC)
+            tl.debug_barrier()
+            tl.atomic_add(done_ptr + rb, 1, sem="release")
+        if PERSISTENT:
+            tk = tl.atomic_add(ctr_ptr, 1)
+        else:
+            tk = total
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch helpers
+# Work decomposition, workspace, launch
 # ----------------------------------------------------------------------------------------------------
 
-
-def _p2(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+_p2 = _utils.p2
 
 
-def _tiles(M: int, nout: int, k: int, interpreted: bool, override: dict | None = None) -> dict:
-    """Tile sizes (a heuristic, no autotuning). In the interpreter a program costs ~20-40 ms of Python
-    whatever its size, so tiles are as large as the problem (capped); on the GPU moderate tiles give
-    enough programs for ~130 SMs at N = 300 rows. Every tl.dot dim is >= 16."""
-    if interpreted:
-        t = dict(BLOCK_M=_p2(M, hi=256), BLOCK_N=_p2(nout, hi=512), BLOCK_K=_p2(k, hi=512), num_warps=4)
+def _divisor_at_least(n: int, want: int) -> int:
+    """The smallest divisor of n that is >= want (n itself if none smaller)."""
+    for k in range(max(1, want), n + 1):
+        if n % k == 0:
+            return k
+    return n
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How a rollout is cut into work: BM candidates per row block, K / hidden sub-tiles, splits of the
+    attention (head groups), MLP and pred_proj (hidden blocks), persistent or one launch per phase."""
+
+    BM: int
+    BK: int
+    BF: int
+    BE: int  # attention output column block (fp32 FMA dots need it narrower)
+    num_warps: int
+    att_splits: int
+    mlp_splits: int
+    head_splits: int
+    persistent: bool
+    programs: int  # persistent grid size
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override: dict | None = None,
+                   sms: int | None = None) -> RolloutConfig:
+    """The work decomposition for N candidates. GPU: row blocks of 64 candidates (a wgmma-sized M tile),
+    K and hidden sub-tiles of 64, 8 warps; the attention / MLP / pred_proj GEMMs split (head groups,
+    hidden blocks, reduced in a fixed order) only as much as needed to give every SM about 1.5 items
+    per phase, since each split adds a partial-sum round trip; one persistent launch whose programs
+    take items in ticket order. Interpreter: one row block as large as the problem, no splits, one
+    launch per phase (fewest Python-level programs). `override` sets any field (tests use it to cover
+    several row blocks, splits and the persistent path on the CPU)."""
+    gpu = _utils.gpu_tiles() if gpu is None else gpu
+    D = w.dim
+    if gpu:
+        sms = sms or _sm_count()
+        # bf16: wgmma tiles; fp32 (FMA dots, operands in registers): narrower K / hidden / head blocks
+        wide = w.dtype != torch.float32
+        BM, BK, BF, BE, nw = 64, min(64 if wide else 32, _p2(D)), 64 if wide else 32, 64 if wide else 32, 8
+        RB = triton.cdiv(N, BM)
+        want = max(1, math.ceil(1.5 * sms / RB))
+        att = _divisor_at_least(w.heads, min(want, 8, w.heads))
+        mlp = max(1, min(want, 8, triton.cdiv(w.mlp, BF)))
+        head = max(1, min(want, 8, triton.cdiv(w.proj_hidden, BF)))
+        cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, num_warps=nw, att_splits=att, mlp_splits=mlp, head_splits=head,
+                   persistent=True, programs=sms)
     else:
-        t = dict(BLOCK_M=_p2(M, hi=32), BLOCK_N=_p2(nout, hi=64), BLOCK_K=_p2(k, hi=64), num_warps=4)
+        cfg = dict(BM=_p2(N, hi=64), BK=_p2(D, hi=128), BF=_p2(max(w.mlp, w.proj_hidden, w.act_w1.shape[1]), hi=256),
+                   BE=_p2(w.dim_head), num_warps=4, att_splits=1, mlp_splits=1, head_splits=1, persistent=False, programs=2)
     if override:
-        t.update({k_: v for k_, v in override.items() if k_ in t})
-    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-        v = t[name]
+        unknown = set(override) - set(cfg)
+        if unknown:
+            raise ValueError(f"rollout_config: unknown fields {sorted(unknown)} (known: {sorted(cfg)})")
+        cfg.update(override)
+    for name in ("BM", "BK", "BF", "BE"):
+        v = cfg[name]
         assert v >= 16 and (v & (v - 1)) == 0, f"{name}={v}: tl.dot tiles must be powers of two >= 16"
-    return t
+    if w.heads % cfg["att_splits"] != 0:
+        raise ValueError(f"rollout_config: att_splits={cfg['att_splits']} must divide heads={w.heads}")
+    for name in ("att_splits", "mlp_splits", "head_splits", "programs"):
+        if cfg[name] < 1:
+            raise ValueError(f"rollout_config: {name} must be >= 1, got {cfg[name]}")
+    return RolloutConfig(**cfg)
 
 
-def _dot_mode(w: RolloutWeights) -> int:
-    if w.dtype == torch.float32:
-        return _DOT_IEEE
-    return _DOT_UPCAST if _interpreted() else _DOT_NATIVE
+def _sm_count() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132  # an H100 SXM / H200: what GPU tiles are chosen for when there is no device
+
+
+def _hidden_block(width: int, splits: int, BF: int) -> int:
+    """Width of each of `splits` hidden blocks, a multiple of BF."""
+    return triton.cdiv(triton.cdiv(width, splits), BF) * BF
+
+
+def build_phases(w: RolloutWeights, N: int, C: int, H: int, cfg: RolloutConfig) -> list:
+    """The rollout as an ordered list of phases (dicts); each phase is a set of independent items per
+    row block, and a row block's phase p may start once its phases < p are done. Items are numbered
+    (tickets) phase after phase, row block after row block, split after split."""
+    RB = triton.cdiv(N, cfg.BM)
+    L = w.depth
+    D = w.dim
+    nch = triton.cdiv(L * 6 * D, _p2(D))
+    steps = rollout_schedule(C, H, w.history)
+    fcw = _hidden_block(w.mlp, cfg.mlp_splits, cfg.BF)
+    pcw = _hidden_block(w.proj_hidden, cfg.head_splits, cfg.BF)
+    mlp_splits = triton.cdiv(w.mlp, fcw)
+    head_splits = triton.cdiv(w.proj_hidden, pcw)
+    phases = []
+
+    def add(typ, nsplit, i=0, lo=0, p0=0, T=0, q0=0, l=0, last=0, nxt=(0, 0, 0)):
+        phases.append(dict(type=typ, split=nsplit, i=i, lo=lo, p0=p0, T=T, q0=q0, l=l, last=last,
+                           nlo=nxt[0], np0=nxt[1], nT=nxt[2]))
+
+    i0, lo0, p00, T0 = steps[0]
+    add(_ACT, H)
+    add(_MOD, H * nch, nxt=(lo0, p00, T0))
+    for s, (i, lo, p0, T) in enumerate(steps):
+        last = s == len(steps) - 1
+        for l in range(L):
+            add(_ATT, cfg.att_splits, i, lo, p0, T, p0, l)
+            q0 = T - 1 if l == L - 1 else p0  # last layer: only the last token's output matters
+            add(_MLP, mlp_splits, i, lo, p0, T, q0, l)
+        nxt = (0, 0, 0) if last else tuple(steps[s + 1][1:4])
+        add(_HEAD, head_splits, i, lo, p0, T, T - 1, L - 1, int(last), nxt)
+    start = 0
+    for p in phases:
+        p["start"], p["items"] = start, RB * p["split"]
+        start += p["items"]
+    return phases
+
+
+def _phase_table(phases: list, device) -> torch.Tensor:
+    rows = []
+    for p in phases:
+        r = [0] * _PT_COLS
+        for col, key in ((_C_TYPE, "type"), (_C_START, "start"), (_C_ITEMS, "items"), (_C_SPLIT, "split"),
+                         (_C_I, "i"), (_C_LO, "lo"), (_C_P0, "p0"), (_C_T, "T"), (_C_Q0, "q0"), (_C_L, "l"),
+                         (_C_LAST, "last"), (_C_NLO, "nlo"), (_C_NP0, "np0"), (_C_NT, "nT")):
+            r[col] = int(p[key])
+        rows.append(r)
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def phase_costs(w: RolloutWeights, N: int, phases: list, cfg: RolloutConfig) -> list:
+    """Per phase: items, FLOPs per item, bytes each item reads from L2 (weights + activations) and
+    writes, for the cost model (bench/gpu_model.py). Counted as the kernel computes them: padded tiles
+    (BD = next power of two of D) included, since that is what the tensor cores execute."""
+    wb = w.dtype.itemsize
+    D, BD, I3, DH = w.dim, _p2(w.dim), 3 * w.inner, w.dim_head
+    BM = cfg.BM
+    L6D = w.depth * 6 * D
+    Ha = w.act_w1.shape[1]
+    fcw = _hidden_block(w.mlp, cfg.mlp_splits, cfg.BF)
+    pcw = _hidden_block(w.proj_hidden, cfg.head_splits, cfg.BF)
+    out = []
+    for p in phases:
+        typ, ns = p["type"], p["split"]
+        tn, tq = p["T"] - p["p0"], p["T"] - p["q0"]
+        if typ == _ACT:
+            fl = 2 * BM * (16 * Ha + Ha * BD)
+            rd = (w.action_width * Ha + Ha * D) * wb + BM * w.action_width * 4
+            wr = BM * D * wb
+        elif typ == _MOD:
+            fl = 2 * BM * D * BD
+            rd = D * BD * wb + BM * D * wb
+            wr = BM * BD * 4
+        elif typ == _ATT:
+            hpg = w.heads // ns
+            fl = 2 * BM * tn * D * 3 * DH * hpg + 2 * BM * tq * DH * BD * hpg
+            rd = hpg * (D * 3 * DH + DH * D) * wb + BM * tn * D * wb + BM * p["T"] * 3 * DH * hpg * wb
+            wr = BM * tn * 3 * DH * hpg * wb + BM * tq * D * 4
+        else:
+            width = fcw if typ == _MLP else pcw
+            fl = 2 * BM * tq * (D * width + width * BD)
+            rd = 2 * D * width * wb + BM * tq * D * wb
+            wr = BM * tq * D * 4
+        red = 0 if (typ < _ATT or ns == 1) else BM * tq * D * 4 * ns  # the reducer's reads
+        out.append(dict(name=f"{_PHASE_NAMES[typ]}" + (f" l{p['l']} step{p['i']}" if typ >= _ATT else ""),
+                        items=p["items"], split=ns, flops=fl, l2_bytes=rd + wr, reduce_bytes=red, serial=1))
+    return out
 
 
 class RolloutWorkspace:
     """Preallocated buffers of one fused rollout shape (N candidates, C context, H actions), so repeated
     rollouts (the CEM iterations, a CUDA graph) allocate nothing:
 
-    mod (N, H, L, 6, D) f32   act_h (N*H, Ha), act_e (N*H, D)   x (N, W, D) f32 residual stream
-    z (N, H+1, D) f32 latents qkv (L, N, W, 3I) KV cache        hid (N, W, F) MLP hidden
-    phid (N, P) pred_proj hidden                                cost (N,) f32
+    z (N, H+1, D) f32 latents      x (N, W, D) f32 residual stream   h (N, W, D) next GEMM's input rows
+    kv (L, N, W, 3I) q/k/v cache    mod (N, H, L*6*D) f32 adaLN table  se (N, H, D) SiLU(action embedding)
+    part (S, N, W, D) f32 partial sums of split GEMMs                 cost (N,) f32
+    ctr: [ticket, done per row block, arrivals per row block] int32;  ptab: the phase table
     (unmarked: the weights' dtype)."""
 
-    def __init__(self, w: RolloutWeights, N: int, C: int, H: int):
+    def __init__(self, w: RolloutWeights, N: int, C: int, H: int, config: RolloutConfig | dict | None = None):
         dev, dt, f32 = w.device, w.dtype, torch.float32
         L, D, W = w.depth, w.dim, w.history
-        self.key = (N, C, H, dev, dt)
-        self.mod = torch.empty(N, H, L, 6, D, device=dev, dtype=f32)
-        self.act_h = torch.empty(N * H, w.act_w1.shape[1], device=dev, dtype=dt)
-        self.act_e = torch.empty(N * H, D, device=dev, dtype=dt)
-        self.x = torch.empty(N, W, D, device=dev, dtype=f32)
+        if not isinstance(config, RolloutConfig):
+            config = rollout_config(w, N, override=config)
+        self.config = config
+        self.key = (N, C, H, dev, dt, config)
+        self.phases = build_phases(w, N, C, H, config)
+        self.rb = triton.cdiv(N, config.BM)
+        self.total = self.phases[-1]["start"] + self.phases[-1]["items"]
+        splits = max(p["split"] for p in self.phases if p["type"] >= _ATT)
+        self.ptab = _phase_table(self.phases, dev)
+        self.ctr = torch.zeros(1 + 2 * self.rb, device=dev, dtype=torch.int32)
         self.z = torch.empty(N, H + 1, D, device=dev, dtype=f32)
-        self.qkv = torch.empty(L, N, W, 3 * w.inner, device=dev, dtype=dt)
-        self.hid = torch.empty(N, W, w.mlp, device=dev, dtype=dt)
-        self.phid = torch.empty(N, w.proj_hidden, device=dev, dtype=dt)
+        self.x = torch.empty(N, W, D, device=dev, dtype=f32)
+        self.h = torch.empty(N, W, D, device=dev, dtype=dt)
+        self.kv = torch.empty(L, N, W, 3 * w.inner, device=dev, dtype=dt)
+        self.mod = torch.empty(N, H, L * 6 * D, device=dev, dtype=f32)
+        self.se = torch.empty(N, H, D, device=dev, dtype=dt)
+        self.part = torch.empty(splits, N, W, D, device=dev, dtype=f32)
         self.cost = torch.empty(N, device=dev, dtype=f32)
+        big = max((t for t in (self.z, self.x, self.h, self.kv, self.mod, self.se, self.part)), key=torch.numel)
+        if big.numel() >= 2 ** 31:  # the kernel indexes with int32 offsets
+            raise ValueError(f"fused_rollout: {N} candidates need a buffer of {big.numel()} elements, more than "
+                             "int32 offsets address; plan fewer environments per call")
+
+    def launches(self) -> int:
+        """Kernel launches per rollout: 2 if persistent (counter reset + the kernel), else one per phase."""
+        return 2 if self.config.persistent else len(self.phases)
 
 
-def _launch_matmul(a, s_a, M, TN, K, w_, s_wk, b, out, s_o, nout, *, act=_ACT_NONE, epi=_EPI_STORE,
-                   gate=None, s_g=(0, 0), goal=None, cost=None, rows_per_goal=1, dot=_DOT_IEEE, tiles=None):
-    interp = _interpreted()
-    t = _tiles(M, nout, K, interp, tiles)
-    if epi == _EPI_COST:
-        t["BLOCK_N"] = _p2(nout)  # one column block holds the whole row (for the row's cost)
-    grid = (triton.cdiv(M, t["BLOCK_M"]), triton.cdiv(nout, t["BLOCK_N"]))
-    _matmul_kernel[grid](
-        a, s_a[0], s_a[1], w_, s_wk, b if b is not None else w_, out, s_o[0], s_o[1],
-        gate if gate is not None else out, s_g[0], s_g[1],
-        goal if goal is not None else out, cost if cost is not None else out,
-        M, TN, K, nout, rows_per_goal,
-        HAS_BIAS=b is not None, ACT=act, EPI=epi, DOT=dot,
-        BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], BLOCK_K=t["BLOCK_K"], num_warps=t["num_warps"])
-
-
-def _launch_norm_matmul(x, s_x, M, TN, D, lnw, lnb, w_, s_wk, b, out, s_o, nout, eps_ln, *, act=_ACT_NONE,
-                        mod=None, s_m=(0, 0), eps_mod=1e-6, embed_pos=None, x_out=None, s_xo=(0, 0),
-                        dot=_DOT_IEEE, tiles=None):
-    interp = _interpreted()
-    t = _tiles(M, nout, D, interp, tiles)
-    grid = (triton.cdiv(M, t["BLOCK_M"]), triton.cdiv(nout, t["BLOCK_N"]))
-    _norm_matmul_kernel[grid](
-        x, s_x[0], s_x[1],
-        embed_pos if embed_pos is not None else x,
-        x_out if x_out is not None else x, s_xo[0], s_xo[1],
-        mod if mod is not None else x, s_m[0], s_m[1],
-        lnw, lnb, w_, s_wk, b if b is not None else lnb, out, s_o[0], s_o[1],
-        M, TN, D, nout, eps_mod, eps_ln,
-        EMBED=embed_pos is not None, MODULATE=mod is not None, HAS_BIAS=b is not None, ACT=act, DOT=dot,
-        BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], BLOCK_D=_p2(D), num_warps=t["num_warps"])
-
-
-def _launch_attn_out(qkv_l, N, TQ, Q0, T, w: RolloutWeights, l, gate, s_g, x, s_x, dot, tiles=None):
-    interp = _interpreted()
-    D = w.dim
-    M = N * TQ
-    t = _tiles(M, D, w.dim_head, interp, tiles)
-    grid = (triton.cdiv(M, t["BLOCK_M"]), triton.cdiv(D, t["BLOCK_N"]))
-    _attn_out_kernel[grid](
-        qkv_l, qkv_l.stride(0), qkv_l.stride(1), w.out_w[l], w.out_w.stride(1), w.out_b[l],
-        gate, s_g[0], s_g[1], x, s_x[0], s_x[1],
-        M, TQ, Q0, D, w.inner, w.heads, w.dim_head, 1.0 / math.sqrt(w.dim_head),
-        T_KEYS=T, DOT=dot, BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], BLOCK_DH=_p2(w.dim_head),
-        num_warps=t["num_warps"])
+def _dot_mode(w: RolloutWeights) -> int:
+    if w.dtype == torch.float32:
+        return _DOT_IEEE
+    return _DOT_UPCAST if (_interpreted() and not _utils.recording()) else _DOT_NATIVE
 
 
 def fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, goal: torch.Tensor | None = None,
-                  *, workspace: RolloutWorkspace | None = None, tiles: dict | None = None):
+                  *, workspace: RolloutWorkspace | None = None, config: dict | RolloutConfig | None = None):
     """The fused Triton rollout; see `_fused_rollout` (the kernels launch on the tensors' CUDA device:
     Triton itself launches on the current device, whatever the tensors' device)."""
     if torch.is_tensor(z0) and z0.is_cuda:  # (non-tensors get their clear error from the checks inside)
         with torch.cuda.device(z0.device):
-            return _fused_rollout(w, z0, actions, goal, workspace=workspace, tiles=tiles)
-    return _fused_rollout(w, z0, actions, goal, workspace=workspace, tiles=tiles)
+            return _fused_rollout(w, z0, actions, goal, workspace=workspace, config=config)
+    return _fused_rollout(w, z0, actions, goal, workspace=workspace, config=config)
 
 
 def _fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, goal: torch.Tensor | None = None,
-                   *, workspace: RolloutWorkspace | None = None, tiles: dict | None = None):
+                   *, workspace: RolloutWorkspace | None = None, config: dict | RolloutConfig | None = None):
     """The fused Triton rollout (see the module docstring); the same contract as `rollout_reference`.
 
     z0 (N, C, D), actions (N, H, A) (floating; cast to float32 and made contiguous if needed), goal
     (E, D) or None with N % E == 0; all on the weights' device (CUDA, or CPU under TRITON_INTERPRET=1).
     Returns (preds (N, H - C + 1, D) float32, cost (N,) float32 or None). With a `workspace`, both are
-    views into it, overwritten by the next call. `tiles` overrides tile sizes (BLOCK_M, BLOCK_N,
-    BLOCK_K, num_warps) for tuning."""
-    z0, actions, goal = _check_inputs(w, z0, actions, goal, need_kernel_device=True)
+    views into it, overwritten by the next call. `config` overrides the work decomposition
+    (`rollout_config`'s fields)."""
+    z0, actions, goal = _check_inputs(w, z0, actions, goal, need_kernel_device=not _utils.recording())
     N, C, D = z0.shape
     H = actions.shape[1]
-    L, W = w.depth, w.history
     ws = workspace
-    if ws is None or ws.key != (N, C, H, w.device, w.dtype):
-        if ws is not None:
-            raise ValueError(f"fused_rollout: workspace was built for (N, C, H, device, dtype) = {ws.key}, "
-                             f"got {(N, C, H, w.device, w.dtype)}")
-        ws = RolloutWorkspace(w, N, C, H)
-    dot = _dot_mode(w)
-    Ha, I3, Fm, P = w.act_w1.shape[1], 3 * w.inner, w.mlp, w.proj_hidden
-    NH = N * H
-
-    # 1) the modulation table of every action and layer: 3 GEMMs over all N*H actions
-    _launch_matmul(actions, (w.action_width, 0), NH, 1, w.action_width, w.act_w1, Ha, w.act_b1,
-                   ws.act_h, (Ha, 0), Ha, act=_ACT_SILU, dot=dot, tiles=tiles)
-    _launch_matmul(ws.act_h, (Ha, 0), NH, 1, Ha, w.act_w2, D, w.act_b2,
-                   ws.act_e, (D, 0), D, act=_ACT_SILU, dot=dot, tiles=tiles)  # SiLU(c): adaLN's input
-    _launch_matmul(ws.act_e, (D, 0), NH, 1, D, w.mod_w, L * 6 * D, w.mod_b,
-                   ws.mod, (L * 6 * D, 0), L * 6 * D, dot=dot, tiles=tiles)
-    ws.z[:, :C].copy_(z0)
-
-    s_x = (ws.x.stride(0), ws.x.stride(1))
-    s_z = (ws.z.stride(0), ws.z.stride(1))
-    s_m = (ws.mod.stride(0), ws.mod.stride(1))
-    s_c = (ws.qkv.stride(1), ws.qkv.stride(2))
-    s_h = (ws.hid.stride(0), ws.hid.stride(1))
+    if ws is None:
+        ws = RolloutWorkspace(w, N, C, H, config)
+    elif ws.key[:5] != (N, C, H, w.device, w.dtype):
+        raise ValueError(f"fused_rollout: workspace was built for (N, C, H, device, dtype) = {ws.key[:5]}, "
+                         f"got {(N, C, H, w.device, w.dtype)}")
+    cfg = ws.config
+    Ha = w.act_w1.shape[1]
+    hpg = w.heads // cfg.att_splits
+    fcw = _hidden_block(w.mlp, cfg.mlp_splits, cfg.BF)
+    pcw = _hidden_block(w.proj_hidden, cfg.head_splits, cfg.BF)
+    nch = triton.cdiv(w.depth * 6 * D, _p2(D))
     rows_per_goal = N // goal.shape[0] if goal is not None else 1
-    steps = rollout_schedule(C, H, W)
-    for i, lo, p0, T in steps:
-        TN = T - p0
-        for l in range(L):
-            qkv_l = ws.qkv[l]
-            # (1) [embed in layer 0] LN -> modulate -> LN -> qkv of the new tokens into the cache
-            first = l == 0
-            _launch_norm_matmul(
-                ws.z[:, lo + p0] if first else ws.x[:, p0], s_z if first else s_x, N * TN, TN, D,
-                w.attn_ln_w[l], w.attn_ln_b[l], w.qkv_w[l], I3, None, qkv_l[:, p0], s_c, I3, w.eps_attn,
-                mod=ws.mod[:, lo + p0, l, 0], s_m=s_m, eps_mod=w.eps_mod,
-                embed_pos=w.pos[p0] if first else None, x_out=ws.x[:, p0] if first else None, s_xo=s_x,
-                dot=dot, tiles=tiles)
-            q0 = T - 1 if l == L - 1 else p0  # last layer: only the last token's output matters
-            TQ = T - q0
-            # (2) attention over the window + out projection + gated residual
-            _launch_attn_out(qkv_l, N, TQ, q0, T, w, l, ws.mod[:, lo + q0, l, 2], s_m, ws.x[:, q0], s_x,
-                             dot, tiles)
-            # (3) LN -> modulate -> LN -> fc1 + b -> GELU
-            _launch_norm_matmul(
-                ws.x[:, q0], s_x, N * TQ, TQ, D, w.mlp_ln_w[l], w.mlp_ln_b[l], w.fc1_w[l], Fm, w.fc1_b[l],
-                ws.hid, s_h, Fm, w.eps_mlp, act=_ACT_GELU, mod=ws.mod[:, lo + q0, l, 3], s_m=s_m,
-                eps_mod=w.eps_mod, dot=dot, tiles=tiles)
-            # (4) fc2 + b, gated residual
-            _launch_matmul(ws.hid, s_h, N * TQ, TQ, Fm, w.fc2_w[l], D, w.fc2_b[l], ws.x[:, q0], s_x, D,
-                           epi=_EPI_RESIDUAL, gate=ws.mod[:, lo + q0, l, 5], s_g=s_m, dot=dot, tiles=tiles)
-        # final LayerNorm -> pred_proj (BN folded) on the last token; on the last step, the cost
-        _launch_norm_matmul(ws.x[:, T - 1], s_x, N, 1, D, w.norm_w, w.norm_b, w.head_w1, P, w.head_b1,
-                            ws.phid, (P, 0), P, w.eps_out, act=_ACT_GELU, dot=dot, tiles=tiles)
-        last = i == H - 1
-        _launch_matmul(ws.phid, (P, 0), N, 1, P, w.head_w2, D, w.head_b2, ws.z[:, i + 1], s_z, D,
-                       epi=_EPI_COST if (last and goal is not None) else _EPI_STORE,
-                       goal=goal, cost=ws.cost, rows_per_goal=rows_per_goal, dot=dot, tiles=tiles)
+    args = (ws.ptab, 0, ws.total, ws.ctr, ws.rb,
+            actions, z0, goal if goal is not None else ws.cost,
+            ws.z, ws.x, ws.h, ws.kv, ws.mod, ws.se, ws.part, ws.cost,
+            w.pos, w.act_w1, w.act_b1, w.act_w2, w.act_b2, w.mod_w, w.mod_b, w.attn_ln_w, w.attn_ln_b,
+            w.qkv_w, w.out_w, w.out_b, w.mlp_ln_w, w.mlp_ln_b, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b,
+            w.norm_w, w.norm_b, w.head_w1, w.head_b1, w.head_w2, w.head_b2,
+            N, C, H, w.action_width, D, w.depth, w.heads, w.dim_head, w.mlp, w.proj_hidden, Ha, w.history,
+            rows_per_goal, hpg, fcw, pcw, nch,
+            w.eps_mod, w.eps_attn, w.eps_mlp, w.eps_out, 1.0 / math.sqrt(w.dim_head))
+    meta = dict(HAS_GOAL=goal is not None, DOT=_dot_mode(w), BM=cfg.BM, BK=cfg.BK, BF=cfg.BF, BD=_p2(D),
+                BDH=_p2(w.dim_head), BC=min(64, _p2(D)), BE=min(cfg.BE, _p2(w.dim_head)),
+                num_warps=cfg.num_warps)
+    costs = phase_costs(w, N, ws.phases, cfg)
+    if cfg.persistent:
+        ws.ctr.zero_()
+        grid = (max(1, min(cfg.programs, ws.total)),)
+        _utils.launch(_rollout_kernel, grid, *args, PERSISTENT=True, KIND=-1, tag="rollout persistent",
+                      cost=dict(flops=sum(c["flops"] * c["items"] for c in costs),
+                                l2_bytes=sum((c["l2_bytes"]) * c["items"] + c["reduce_bytes"] * (c["items"] // c["split"])
+                                             for c in costs),
+                                hbm_bytes=_weight_bytes(w) + ws_bytes(ws), phases=costs), **meta)
+    else:
+        for p, c in zip(ws.phases, costs):
+            a = list(args)
+            a[1] = ws.phases.index(p)
+            _utils.launch(_rollout_kernel, (p["items"],), *a, PERSISTENT=False, KIND=p["type"],
+                          tag=f"rollout {c['name']}",
+                          cost=dict(flops=c["flops"] * c["items"],
+                                    l2_bytes=c["l2_bytes"] * c["items"] + c["reduce_bytes"] * (c["items"] // c["split"]),
+                                    phases=[c]), **meta)
     return ws.z[:, C:], (ws.cost if goal is not None else None)
+
+
+def _weight_bytes(w: RolloutWeights) -> int:
+    return sum(t.numel() * t.element_size() for t in w.tensors().values())
+
+
+def ws_bytes(ws: RolloutWorkspace) -> int:
+    """Bytes of a workspace's activation buffers (what one rollout touches besides the weights)."""
+    return sum(t.numel() * t.element_size() for t in (ws.z, ws.x, ws.h, ws.kv, ws.mod, ws.se, ws.part, ws.cost))

@@ -20,8 +20,9 @@ import torch
 import lewm
 from lewm.plan.engine import pack_predictor
 from lewm_kernels import rollout as kr
-from lewm_kernels.rollout import (RolloutWorkspace, fused_rollout, rollout_reference, rollout_schedule,
-                                  token_passes)
+from lewm_kernels import _utils
+from lewm_kernels.rollout import (RolloutWorkspace, build_phases, fused_rollout, rollout_config, rollout_reference,
+                                  rollout_schedule, token_passes)
 
 ATOL = 2e-5
 RTOL = 2e-5
@@ -30,6 +31,13 @@ RTOL = 2e-5
 # Tiny problems on a shared 2-core machine: one intra-op thread avoids OpenMP contention with other
 # processes (measured: the same test 4 s with one thread, up to 19 s with two under load).
 pytestmark = pytest.mark.usefixtures("single_thread")
+interp = pytest.mark.interp  # runs the Triton kernel on CPU tensors (TRITON_INTERPRET=1; skipped on CUDA machines)
+
+# Work decompositions the interpreter runs (it defaults to one row block, no splits, one launch per
+# phase): several row blocks with a partial last one, every GEMM split (partial sums reduced by the
+# last item to finish), and the persistent kernel that takes items in ticket order.
+SPLIT = dict(BM=16, att_splits=2, mlp_splits=3, head_splits=2)
+PERSISTENT = dict(SPLIT, persistent=True, programs=3)
 
 # dims that are not powers of two (masking paths): D 40, 3 heads x 20, MLP 72, pred_proj 48, action width 15
 ODD = {"embed_dim": 40, "pred_heads": 3, "pred_dim_head": 20, "pred_mlp": 72, "proj_hidden": 48,
@@ -126,6 +134,7 @@ def test_positions_matter_so_a_sliding_window_is_recomputed(tiny):
     assert (rollout_reference(w0, z0, a)[0] - ref).abs().max() > 1e-3
 
 
+@interp
 @pytest.mark.parametrize("N,C,H", SHAPES)
 def test_fused_matches_model_rollout(tiny, N, C, H):
     m, w = tiny
@@ -135,6 +144,7 @@ def test_fused_matches_model_rollout(tiny, N, C, H):
     assert_close(preds, cost, *model_rollout(m, z0, a, goal))
 
 
+@interp
 @pytest.mark.parametrize("N,C,H", [(5, 1, 5), (3, 2, 4)])
 def test_fused_odd_dims(odd, N, C, H):
     m, w = odd
@@ -142,17 +152,31 @@ def test_fused_odd_dims(odd, N, C, H):
     assert_close(*fused_rollout(w, z0, a, goal), *model_rollout(m, z0, a, goal))
 
 
-def test_fused_several_goals_and_small_tiles(tiny):
-    """Candidates grouped by goal (N = E * S), and tiles smaller than the problem (several programs per
-    grid axis, partial last tiles)."""
+@interp
+@pytest.mark.parametrize("config", [SPLIT, PERSISTENT], ids=["split", "persistent"])
+def test_fused_several_goals_row_blocks_and_splits(tiny, config):
+    """Candidates grouped by goal (N = E * S), several row blocks (the last one partial), every GEMM
+    split, one launch per phase or the persistent kernel: the model's answer each time."""
     m, w = tiny
     z0, a, goal = inputs(m, 36, 1, 5, E=3)
-    ref = model_rollout(m, z0, a, goal)
-    assert_close(*fused_rollout(w, z0, a, goal), *ref)
-    tiles = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
-    assert_close(*fused_rollout(w, z0, a, goal, tiles=tiles), *ref)
+    assert_close(*fused_rollout(w, z0, a, goal, config=config), *model_rollout(m, z0, a, goal))
 
 
+@interp
+def test_persistent_equals_phased_and_is_deterministic(odd):
+    """The persistent kernel runs the same items as the phase-by-phase launches and sums the splits in
+    the same fixed order: bitwise the same answer, run after run."""
+    m, w = odd
+    z0, a, goal = inputs(m, 20, 2, 5)
+    cfg = dict(SPLIT, att_splits=3)
+    p1, c1 = fused_rollout(w, z0, a, goal, config=cfg)
+    p2, c2 = fused_rollout(w, z0, a, goal, config=dict(cfg, persistent=True, programs=2))
+    p3, c3 = fused_rollout(w, z0, a, goal, config=dict(cfg, persistent=True, programs=2))
+    assert torch.equal(p1, p2) and torch.equal(c1, c2) and torch.equal(p2, p3) and torch.equal(c2, c3)
+    assert_close(p1, c1, *model_rollout(m, z0, a, goal))
+
+
+@interp
 def test_fused_workspace_reuse(tiny):
     m, w = tiny
     z0, a, goal = inputs(m, 6, 1, 4, E=2)
@@ -167,6 +191,7 @@ def test_fused_workspace_reuse(tiny):
         fused_rollout(w, z0[:3], a[:3], goal[:1], workspace=ws)
 
 
+@interp
 def test_fused_bf16_weights_run(tiny):
     """bf16 GEMM weights through the kernels (the interpreter computes bf16 dots in fp32 and truncates
     bf16 stores, so only a loose check here; the GPU test below holds bf16 to the 2x rule)."""
@@ -180,6 +205,7 @@ def test_fused_bf16_weights_run(tiny):
     assert (preds - ref).abs().max() < 0.1 * ref.abs().max()
 
 
+@interp
 def test_no_goal_returns_no_cost(tiny):
     m, w = tiny
     z0, a, _ = inputs(m, 3, 1, 3)
@@ -192,6 +218,7 @@ def test_no_goal_returns_no_cost(tiny):
 # -- bad inputs: clear errors (or a cheap copy), never a silent wrong answer -------------------------
 
 
+@interp
 @pytest.mark.parametrize("fn", [fused_rollout, rollout_reference])
 def test_bad_inputs(tiny, fn):
     m, w = tiny
@@ -216,6 +243,7 @@ def test_bad_inputs(tiny, fn):
         fn(w, z0.to("meta"), a, goal)
 
 
+@interp
 @pytest.mark.parametrize("fn", [fused_rollout, rollout_reference])
 def test_noncontiguous_and_float64_inputs_are_copied(tiny, fn):
     m, w = tiny
@@ -244,11 +272,55 @@ def test_weights_validate(tiny):
         replace(w, fc1_w=w.fc1_w.bfloat16()).validate()
 
 
-def test_tiles_are_dot_sized():
-    t = kr._tiles(3, 10, 5, interpreted=True)
-    assert min(t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]) >= 16
+def test_config_is_dot_sized_and_checked(tiny):
+    _, w = tiny
+    c = rollout_config(w, 3, gpu=False)
+    assert min(c.BM, c.BK, c.BF, c.BE) >= 16 and not c.persistent
     with pytest.raises(AssertionError, match=">= 16"):
-        kr._tiles(64, 64, 64, interpreted=False, override={"BLOCK_K": 8})
+        rollout_config(w, 64, gpu=False, override={"BK": 8})
+    with pytest.raises(ValueError, match="must divide heads"):
+        rollout_config(w, 64, gpu=False, override={"att_splits": 3})
+    with pytest.raises(ValueError, match="unknown fields"):
+        rollout_config(w, 64, gpu=False, override={"BLOCK_M": 16})
+
+
+def test_gpu_decomposition_at_the_planners_shapes():
+    """What the GPU gets (chosen here without one): wgmma-sized row blocks of 64 candidates in bf16,
+    narrower K blocks for fp32's FMA dots, one persistent launch; splits only where row blocks are
+    too few to fill the SMs (1 env: 300 candidates), none at 50 envs (15,000)."""
+    m = lewm.LeWM(lewm.preset("pusht")).eval()
+    for dtype, bk in ((torch.bfloat16, 64), (torch.float32, 32)):
+        w = pack_predictor(m, dtype=dtype)
+        one, fifty = rollout_config(w, 300, gpu=True, sms=132), rollout_config(w, 15000, gpu=True, sms=132)
+        assert one.BM == fifty.BM == 64 and one.BK == bk and one.persistent
+        assert one.att_splits > 1 and one.mlp_splits > 1 and 16 % one.att_splits == 0
+        assert fifty.att_splits == fifty.mlp_splits == fifty.head_splits == 1
+        # the phase list: 2 setup phases, then per step 2 per layer + pred_proj
+        assert len(build_phases(w, 300, 1, 5, one)) == 2 + 5 * (2 * 6 + 1)
+
+
+def test_launches_recorded_without_running(tiny):
+    """Inside record_launches the wrapper runs nothing (CPU tensors, no interpreter needed) and records
+    each launch with its grid, GPU tiles and a cost: one launch per phase, or one persistent launch."""
+    m = lewm.LeWM(lewm.preset("pusht")).eval()
+    w = pack_predictor(m, dtype=torch.bfloat16)
+    z0, a, goal = torch.randn(300, 1, 192), torch.randn(300, 5, 10), torch.randn(1, 192)
+    with _utils.record_launches() as rec:
+        fused_rollout(w, z0, a, goal)
+    assert len(rec) == 1 and rec[0].meta["PERSISTENT"] and rec[0].meta["BM"] == 64 and rec[0].grid == (132,)
+    phases = rec[0].cost["phases"]
+    assert len(phases) == 67 and all(p["flops"] > 0 and p["items"] > 0 for p in phases)
+    with _utils.record_launches() as rec:
+        fused_rollout(w, z0, a, goal, config={"persistent": False})
+    assert len(rec) == 67 and {r.meta["KIND"] for r in rec} == {0, 1, 2, 3, 4}
+    assert sum(r.ctas for r in rec) == sum(p["items"] for p in phases)
+
+
+def test_too_many_candidates_for_int32_offsets_is_refused(tiny):
+    m = lewm.LeWM(lewm.preset("pusht")).eval()
+    w = pack_predictor(m).to(device="meta")
+    with pytest.raises(ValueError, match="int32 offsets"):
+        RolloutWorkspace(w, 200_000, 1, 5)
 
 
 # -- GPU ------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from dataclasses import replace
 
 import torch
 
+from lewm_kernels import _utils
 from lewm_kernels import rollout as _kr
 from lewm_kernels.rollout import RolloutWeights, RolloutWorkspace, fused_rollout, rollout_reference
 
@@ -139,23 +140,28 @@ class FastPlanner(Planner):
 
     Same constructor and `plan(start, goal, noise=None) -> PlanResult` as CEMPlanner, plus:
       backend     "auto" | "triton" | "torch" | "compile"
-      dtype       float32 (default) or bfloat16: the rollout's GEMM weights (triton / torch backends)
+      dtype       None (default) = bfloat16 on CUDA (tensor cores, fp32 accumulation), float32 on the
+                  CPU; or torch.float32 / torch.bfloat16: the rollout's GEMM weights and inputs
       cuda_graph  None = on where CUDA is; True asks for it (notice if there is no CUDA); False = off
-      tiles       tile-size overrides for the Triton kernels (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)
+      kernel_config  overrides of the Triton rollout's work decomposition (fields of
+                  `lewm_kernels.rollout.RolloutConfig`: BM, BK, BF, BE, num_warps, att_splits,
+                  mlp_splits, head_splits, persistent, programs)
       max_graphs  how many captured plan shapes are kept (least recently used dropped)
 
     The model's weights are packed once at construction: call `refresh()` after changing them."""
 
     def __init__(self, model: LeWM, samples: int = 300, elites: int = 30, iterations: int = 30,
                  horizon: int = 5, var_scale: float = 1.0, seed: int | None = 42, *, backend: str = "auto",
-                 dtype: torch.dtype = torch.float32, cuda_graph: bool | None = None, tiles: dict | None = None,
-                 max_graphs: int = 4):
+                 dtype: torch.dtype | None = None, cuda_graph: bool | None = None,
+                 kernel_config: dict | None = None, max_graphs: int = 4):
         super().__init__(model, samples, elites, iterations, horizon, var_scale, seed)
         if backend not in BACKENDS:
             raise ValueError(f"FastPlanner: unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
-        if dtype not in (torch.float32, torch.bfloat16):
+        if dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"FastPlanner: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         on_cuda = self.device.type == "cuda"
+        if dtype is None:
+            dtype = torch.bfloat16 if on_cuda else torch.float32
         self.requested_backend = backend
         self.backend = self._resolve_backend(backend, on_cuda)
         if cuda_graph and not on_cuda:
@@ -163,7 +169,7 @@ class FastPlanner(Planner):
                     "planning without a graph")
         self.use_graph = bool(on_cuda if cuda_graph is None else cuda_graph) and on_cuda
         self.dtype = dtype
-        self.tiles = tiles
+        self.kernel_config = dict(kernel_config) if kernel_config else None
         self.max_graphs = max(1, int(max_graphs))
         self._graphs: OrderedDict = OrderedDict()
         self._compiled = None
@@ -174,8 +180,8 @@ class FastPlanner(Planner):
         if backend == "auto":
             return "triton" if on_cuda else "torch"
         if backend == "triton" and not on_cuda:
-            if _kr._interpreted():
-                return "triton"  # the Triton interpreter on CPU tensors (tests)
+            if _kr._interpreted() or _utils.recording():
+                return "triton"  # the Triton interpreter on CPU tensors (tests), or launches only recorded
             _notice(f"FastPlanner: backend 'triton' needs CUDA (the model is on {self.device}); "
                     "using the PyTorch KV-cache rollout")
             return "torch"
@@ -188,21 +194,20 @@ class FastPlanner(Planner):
         self._workspaces: dict = {}
 
     # -- the rollout -----------------------------------------------------------------------------
-    def _rollout_cost(self, z0: torch.Tensor, zg: torch.Tensor, cand: torch.Tensor,
+    def _rollout_cost(self, ctx: torch.Tensor, zg: torch.Tensor, cand: torch.Tensor,
                       final: bool = False) -> torch.Tensor:
-        """z0 (E, D), zg (E, D), cand (E, S, H, Wd) -> (E, S) terminal costs. `final`: the one-candidate
-        rollout of the final mean (the compile backend runs it eagerly rather than compiling a second
-        shape)."""
+        """ctx (E * S, 1, D) context latents, zg (E, D), cand (E, S, H, Wd) -> (E, S) terminal costs.
+        `final`: the one-candidate rollout of the final mean (the compile backend runs it eagerly rather
+        than compiling a second shape). The returned costs are a view of the rollout workspace: read
+        them before the next rollout."""
         E, S = cand.shape[:2]
-        ctx = z0[:, None, None, :].expand(E, S, 1, z0.shape[-1]).reshape(E * S, 1, -1)
         acts = cand.reshape(E * S, self.horizon, self.width)
         if self.backend == "triton":
             key = (E * S, 1, self.horizon)
             ws = self._workspaces.get(key)
             if ws is None:
-                ws = self._workspaces[key] = RolloutWorkspace(self.weights, *key)
-            _, cost = fused_rollout(self.weights, ctx, acts, zg, workspace=ws, tiles=self.tiles)
-            cost = cost.clone()  # the workspace is reused by the next rollout
+                ws = self._workspaces[key] = RolloutWorkspace(self.weights, *key, config=self.kernel_config)
+            _, cost = fused_rollout(self.weights, ctx, acts, zg, workspace=ws)
         elif self.backend == "compile" and not final:
             if self._compiled is None:
                 self._compiled = torch.compile(rollout_reference, dynamic=False)
@@ -214,18 +219,19 @@ class FastPlanner(Planner):
     def _cem(self, z0: torch.Tensor, zg: torch.Tensor, noise: torch.Tensor):
         """The whole CEM loop on the device; static shapes, no host synchronisation.
         z0, zg (E, D); noise (iterations, E, S, H, Wd) -> (mean (E, H, Wd), final cost (E,))."""
-        E = z0.shape[0]
+        E, S = z0.shape[0], noise.shape[2]
         mean = torch.zeros(E, self.horizon, self.width, device=z0.device)
         std = torch.full_like(mean, self.var_scale)
         idx_shape = (-1, -1, self.horizon, self.width)
+        ctx = z0[:, None, :].expand(E, S, z0.shape[-1]).reshape(E * S, 1, -1)  # once per plan
         for it in range(self.iterations):
             cand = mean[:, None] + std[:, None] * noise[it]  # (E, S, H, Wd)
             cand[:, 0] = mean
-            cost = self._rollout_cost(z0, zg, cand)
+            cost = self._rollout_cost(ctx, zg, cand)
             idx = cost.topk(self.elites, dim=1, largest=False).indices  # (E, k)
             elite = torch.gather(cand, 1, idx[:, :, None, None].expand(*idx_shape))
             mean, std = elite.mean(1), elite.std(1)
-        final = self._rollout_cost(z0, zg, mean[:, None], final=True)[:, 0]
+        final = self._rollout_cost(z0[:, None], zg, mean[:, None], final=True)[:, 0].clone()
         return mean, final
 
     def _body(self, start: torch.Tensor, goal: torch.Tensor, noise: torch.Tensor):
