@@ -270,3 +270,78 @@ def bench_run(benchmark, fn, sync, rounds: int, warmup: int = 1):
 
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
     return out["r"]
+
+
+# -- independent references for the benchmarks' checks -------------------------------------------------
+def sigreg_float64(z: torch.Tensor, A: torch.Tensor, knots: int = 17, t_max: float = 3.0) -> float:
+    """SIGReg written from the formula in float64 numpy, one knot at a time (the check of the eager
+    benchmark, which is itself the library's reference): z (T, B, D), A (D, M)."""
+    import math
+    z, A = z.detach().double().cpu().numpy(), A.detach().double().cpu().numpy()
+    T, B, _ = z.shape
+    t = np.linspace(0.0, t_max, knots)
+    dt = t_max / (knots - 1)
+    total = 0.0
+    for tau in range(T):
+        h = z[tau] @ A
+        ep = np.zeros(A.shape[1])
+        for k in range(knots):
+            w = (1.0 if k in (0, knots - 1) else 2.0) * dt * math.exp(-t[k] ** 2 / 2)
+            ep += w * ((np.cos(t[k] * h).mean(0) - math.exp(-t[k] ** 2 / 2)) ** 2 + np.sin(t[k] * h).mean(0) ** 2)
+        total += (B * ep).mean()
+    return total / T
+
+
+@torch.no_grad()
+def rollout_by_predict(model, z0: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """The rollout from its definition: at each step run `model.predict` on the whole window of the last
+    `history` frames and keep its last output (LeWM.rollout runs predict_last instead)."""
+    N, C, _ = z0.shape
+    W = model.mcfg.history
+    z, preds = z0, []
+    for i in range(C - 1, actions.shape[1]):
+        lo = max(0, i + 1 - W)
+        nxt = model.predict(z[:, lo:i + 1], actions[:, lo:i + 1])[:, -1]
+        preds.append(nxt)
+        z = torch.cat([z, nxt[:, None]], dim=1)
+    return torch.stack(preds, dim=1)
+
+
+def plain_training_losses(cfg, data, device, batches, steps: int) -> list[float]:
+    """The training step from its definition, without the Trainer: the same seeded model, AdamW, the
+    schedule, gradient clipping and SIGReg directions, in a plain loop over `batches`. The losses of
+    `steps` optimizer steps (the check of every training-step benchmark, over several steps so that a
+    wrong optimizer step shows)."""
+    import random
+
+    import lewm
+    from lewm.data.dataset import ClipDataset, split_episodes
+    from lewm.data.format import inspect
+    from lewm.train import lr_at
+    tc, mc = cfg.train, cfg.model
+    train_eps, _ = split_episodes(inspect(data).num_episodes, tc.val_frac, tc.seed)
+    ds = ClipDataset(data, tc.num_frames, mc.frameskip, train_eps, cache="none", image_size=mc.image_size,
+                     action_dim=mc.action_dim)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed % 2**32)
+    random.seed(tc.seed)
+    model = lewm.LeWM(cfg)
+    model.set_action_stats(ds.action_mean, ds.action_std)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    total = tc.steps if tc.steps > 0 else tc.epochs * (len(ds) // tc.batch_size)
+    amp = tc.amp and torch.device(device).type == "cuda"
+    losses = []
+    for step in range(steps):
+        px, act = batches[step]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, tc.lr, tc.warmup_frac)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            out = model.loss(pixels=px.to(device), actions=act.to(device),
+                             directions=model.sigreg.directions(step, device))
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out["loss"]))
+    return losses
