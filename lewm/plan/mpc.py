@@ -371,6 +371,7 @@ def run_episodes(planner, setup: EvalSetup, episode_ids, start_rows: list, goal_
         envs.append(env)
     low, high = setup.bounds
     success_step: list[int | None] = [None] * E
+    executed: list[list] = [[] for _ in range(E)]  # the raw actions each env was stepped with
     videos = {j: [] for j in range(E) if episode_ids[j] in record}
     for j in videos:
         videos[j].append(_video_frame(envs[j].render(), goal_pixels[j], False))
@@ -396,6 +397,7 @@ def run_episodes(planner, setup: EvalSetup, episode_ids, start_rows: list, goal_
                 if success_step[j] is not None:
                     continue
                 envs[j].step(raw[a, k], render=False)  # frames only where planned or recorded
+                executed[j].append(raw[a, k].copy())
                 if envs[j].success():
                     success_step[j] = t + k + 1
                 if j in videos:
@@ -412,7 +414,8 @@ def run_episodes(planner, setup: EvalSetup, episode_ids, start_rows: list, goal_
     for env in envs:
         env.close()
     return {"success_step": success_step, "plan_times": plan_times, "plan_batch": plan_batch,
-            "rounds": rnd, "videos": {int(episode_ids[j]): v for j, v in videos.items()}}
+            "rounds": rnd, "videos": {int(episode_ids[j]): v for j, v in videos.items()},
+            "actions": [np.asarray(a, dtype=np.float32).reshape(-1, low.shape[-1]) for a in executed]}
 
 
 def _protocol(planner, setup: EvalSetup, *, budget: int, steps_per_round: int, seed: int, num_envs: int | None,
@@ -428,7 +431,7 @@ def _protocol(planner, setup: EvalSetup, *, budget: int, steps_per_round: int, s
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=budget * -(-n // bs), desc=desc, unit="step", dynamic_ncols=True, leave=False)
-    success_step, plan_times, plan_batch, videos, rounds = [], [], [], {}, 0
+    success_step, plan_times, plan_batch, videos, rounds, actions = [], [], [], {}, 0, []
     try:
         for lo in range(0, n, bs):
             ids = list(range(lo, min(n, lo + bs)))
@@ -439,6 +442,7 @@ def _protocol(planner, setup: EvalSetup, *, budget: int, steps_per_round: int, s
             plan_times += r["plan_times"]
             plan_batch += r["plan_batch"]
             videos.update(r["videos"])
+            actions += r["actions"]
             rounds += r["rounds"]
     finally:
         if bar is not None:
@@ -453,7 +457,7 @@ def _protocol(planner, setup: EvalSetup, *, budget: int, steps_per_round: int, s
             "steps_to_success_median": float(np.median(steps)) if steps else None,
             "plan_time_s": _percentiles(plan_times), "plan_time_per_env_s": _percentiles(per_env),
             "plan_calls": len(plan_times), "envs_per_call": _percentiles([float(b) for b in plan_batch]),
-            "_videos": videos}
+            "_videos": videos, "_actions": actions}
 
 
 def _resolve_model(model, device: str) -> tuple[Config, Any, str | None]:
@@ -553,7 +557,7 @@ def save_results(results: dict, out, video_format: str = "gif", fps: int = 10) -
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     videos = results.get("_videos", {})
-    clean = {k: v for k, v in results.items() if k != "_videos"}
+    clean = {k: v for k, v in results.items() if not k.startswith("_")}  # _videos, _actions: not JSON
     paths = []
     if videos:
         import imageio.v2 as iio2
