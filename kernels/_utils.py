@@ -13,8 +13,10 @@ tile sizes they would choose on a GPU even where the interpreter is active.
 
 A wrapper may attach `cost=` to a launch: a dict with "flops" (multiply-adds x 2), "hbm_bytes"
 (unique bytes the launch must move to or from memory), "l2_bytes" (all SM <- L2 traffic, re-reads
-included) and, for a persistent kernel, "phases": a list of dicts (name, items, flops, l2_bytes per
-item, "serial": the number of dependent item latencies this phase adds to the critical path).
+included) and, for a persistent kernel, "phases": a list of dicts: name, items, split (items per
+row block), flops and l2_bytes PER ITEM, reduce_bytes PER ROW BLOCK (read by the last item of the
+row block after the others, so it adds to the critical path), and serial (the number of dependent
+item latencies this phase adds to the critical path of a row block).
 The cost model reads only these keys.
 """
 from __future__ import annotations

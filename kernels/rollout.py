@@ -28,39 +28,55 @@ layer only the last token's output is used, so there only the qkv projection run
 Two implementations of the same fused computation live here:
 
 * `rollout_reference(w, z0, actions, goal)`: plain PyTorch, KV cache, readable; the oracle for the
-  kernels and the CPU fast path of the planner (also what `torch.compile` compiles).
-* `fused_rollout(w, z0, actions, goal)`: Triton. Per rollout step, 4 kernels per layer + 2:
+  kernel and the CPU fast path of the planner (also what `torch.compile` compiles).
+* `fused_rollout(w, z0, actions, goal)`: Triton, ONE kernel (`_rollout_kernel`) whose work is cut
+  into items of five kinds. Rows are candidates in row blocks of BM (a wgmma-sized M tile of 64 on
+  the GPU); the tokens of a candidate (<= W) are separate tiles of the same rows, so attention reads
+  row-aligned tiles of the candidate's own KV-cache slots and is elementwise (no tl.dot for 3 keys). The phases, in order (`build_phases`):
 
-    1. `_norm_matmul_kernel`  LN(no affine, eps 1e-6) -> modulate(shift, scale) -> LN(affine) -> x @ W_qkv;
-                              writes q, k, v of the new tokens straight into the per-layer KV cache.
-                              In layer 0 it also builds the residual input z + pos (the "embed").
-    2. `_attn_out_kernel`     causal attention over <= W keys in registers (online softmax, no tl.dot:
-                              3 keys), then @ W_out (tl.dot, one head at a time as the K loop),
-                              + bias, gated residual x += gate * out, in place.
-    3. `_norm_matmul_kernel`  LN -> modulate -> LN -> x @ W_fc1 + b -> GELU  (MLP hidden, (M, 2048))
-    4. `_matmul_kernel`       hidden @ W_fc2 + b, gated residual x += gate * out
-    final: `_norm_matmul_kernel` (final affine LN -> pred_proj fc1 with the eval BatchNorm folded in ->
-           GELU), `_matmul_kernel` (fc2 + b -> z[i+1], and on the last step the cost ||z - g||^2).
+    ACT   per (row block, action j): Conv1d(k=1) folded into Linear -> SiLU -> Linear -> SiLU, i.e.
+          adaLN's input for every action (and the context latents copied into z)
+    MOD   per (row block, action, column block): the adaLN table of every layer, (N, H, L*6*D),
+          with 1 + scale stored; its last item builds the first step's input rows
+    then per rollout step, per layer:
+    ATT   per (row block, head group): q, k, v of the new tokens into the cache, causal attention of
+          the query tokens (online softmax over <= W keys), the out projection of those heads
+    MLP   per (row block, hidden block): fc1 + bias -> GELU -> fc2 of that hidden block; the hidden
+          tile never leaves registers
+    and per step:
+    HEAD  per (row block, hidden block): pred_proj (eval BatchNorm folded into fc1) the same way; its
+          last item writes z[i+1] (and the cost on the last step) and builds the next step's input
 
-  Before the steps, three `_matmul_kernel` launches turn all N*H actions into the modulation table
-  (N, H, depth, 6, D): (Conv1d k=1 folded into the first Linear) -> SiLU -> Linear -> SiLU -> the six
-  stacked adaLN Linears of every layer. A rollout is 3 + 1 copy + steps x (4 * depth + 2) launches:
-  134 at the default size (depth 6, horizon 5), against ~165 eager kernels per predictor call (x 5).
-  Each GEMM kernel's grid covers rows x output columns: at N = 300 rows and the default GPU tiles
-  (BLOCK_M 32, BLOCK_N 64) qkv gets 480 programs and fc1 320, but the D-wide outputs (out projection,
-  fc2) only 30: `tiles=` overrides them, and tuning them is work for a GPU session.
+  A GEMM split over head groups or hidden blocks writes fp32 partial sums; the LAST item of a
+  (phase, row block) to finish (an atomic arrival count) adds them in a fixed order, so results are
+  deterministic, and applies the epilogue once per row: the gated residual, then the next GEMM's
+  input LN(no affine) -> modulate -> LN(affine) (or the final LayerNorm), stored in the weights'
+  dtype. Every LayerNorm runs in column chunks (no full row is held in registers). Splits are only
+  used where row blocks are too few to fill the SMs (1 env: 300 candidates); at 50 envs there are
+  enough row blocks and nothing is split (`rollout_config`).
 
-  GEMMs use tl.dot with fp32 accumulation; weights (and the GEMM inputs, KV cache, MLP hidden) in the
-  weights' dtype (float32 or bfloat16), the residual stream, LayerNorm statistics, softmax, the
-  modulation table and the latents in float32. float32 dots use input_precision="ieee" (not tf32),
-  so fp32 results match eager PyTorch to rounding.
+  Launch: persistent (the GPU default): a grid of one program per SM takes items in ticket order
+  from an atomic counter; an item first waits (spinning on an acquire load) until its row block's
+  earlier phases are done. It only ever waits for smaller tickets, held by programs that are already
+  running, so it cannot deadlock whatever the number of resident programs. Or one launch per phase
+  (`persistent=False`, each launch a kernel specialised to one item kind): the same items, with the
+  launch order as the dependency. A rollout is 2 launches (the counters' reset + the kernel) instead
+  of 3 + 1 + steps x (4 x depth + 2) = 134 for the previous four-kernels-per-layer design.
+
+  GEMMs use tl.dot with fp32 accumulation and an explicit out_dtype; weights, GEMM inputs and the
+  KV cache in the weights' dtype (bfloat16: tensor cores, wgmma on Hopper; float32: exact
+  input_precision="ieee" FMA dots, with narrower K / hidden / output blocks so nothing spills); the
+  residual stream, LayerNorm statistics, softmax, the modulation table, partial sums and latents in
+  float32. Loads of data written by other programs bypass L1 (".cg").
 
 Weights come packed as a `RolloutWeights` (stacked per-layer tensors; GEMM weights stored (in, out)
 so tiles load along rows). This package never imports `lewm`: `lewm.plan.engine.pack_predictor` turns
 a model into one.
 
-Runs on triton 3.6 (GPU machines) and 3.9, and under TRITON_INTERPRET=1 on CPU tensors: plain
-pointer arithmetic, no tl.make_block_ptr, no autotuning (tile sizes from `_tiles`). All tile dims are
+Runs on triton 3.6 (GPU machines) and the registry's triton, and under TRITON_INTERPRET=1 on CPU
+tensors (there the persistent kernel's first program takes every ticket, so dependencies are always
+met): plain pointer arithmetic, int32 offsets (buffers are checked to stay below 2**31 elements), no
+tl.make_block_ptr, no autotuning (the decomposition comes from `rollout_config`). All tile dims are
 >= 16 (asserted: the interpreter does not check tl.dot's minimum), so model dims below 16 (the action
 width, 10) are handled by masked, zero-padded tiles. In the interpreter, bf16 dots are computed in
 fp32 (its native bf16 dot is wrong, triton issue #11584).
@@ -622,7 +638,7 @@ def _rollout_kernel(
     eps_mod, eps_attn, eps_mlp, eps_out, sm_scale,
     PERSISTENT: tl.constexpr, HAS_GOAL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, BDH: tl.constexpr,
-    BC: tl.constexpr, BE: tl.constexpr, KIND: tl.constexpr,
+    BC: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
 ):
     """The whole rollout as work items (see the module docstring). Ticket t names one item: its phase
     (a row of the phase table), its row block rb (BM candidates) and its split sp. PERSISTENT: programs
@@ -709,52 +725,51 @@ def _rollout_kernel(
             for t in range(p0, T):
                 hrow = h_ptr + (n64 * W + t) * D
                 for hd in range(sp * HPG, sp * HPG + HPG):
-                    aq = tl.zeros((BM, BDH), dtype=tl.float32)
-                    ak = tl.zeros((BM, BDH), dtype=tl.float32)
-                    av = tl.zeros((BM, BDH), dtype=tl.float32)
-                    for k0 in range(0, D, BK):
-                        km = (k0 + kk) < D
-                        a = tl.load(hrow[:, None] + k0 + kk[None, :], mask=nmask[:, None] & km[None, :],
-                                    other=0.0, cache_modifier=".cg")
-                        wrow = qkv_w + l * D * I3 + (k0 + kk)[:, None] * I3 + hd * DH + e[None, :]
-                        wm = km[:, None] & emask[None, :]
-                        aq += _dot(a, tl.load(wrow, mask=wm, other=0.0), DOT)
-                        ak += _dot(a, tl.load(wrow + INNER, mask=wm, other=0.0), DOT)
-                        av += _dot(a, tl.load(wrow + 2 * INNER, mask=wm, other=0.0), DOT)
-                    cp = kvrow[:, None] + t * I3 + hd * DH + e[None, :]
-                    tl.store(cp, aq.to(kv_ptr.dtype.element_ty), mask=me)
-                    tl.store(cp + INNER, ak.to(kv_ptr.dtype.element_ty), mask=me)
-                    tl.store(cp + 2 * INNER, av.to(kv_ptr.dtype.element_ty), mask=me)
+                    for c3 in range(0, 3):  # q, k, v one at a time: one accumulator live (fp32 FMA dots)
+                        acc3 = tl.zeros((BM, BDH), dtype=tl.float32)
+                        for k0 in range(0, D, BK):
+                            km = (k0 + kk) < D
+                            a = tl.load(hrow[:, None] + k0 + kk[None, :], mask=nmask[:, None] & km[None, :],
+                                        other=0.0, cache_modifier=".cg")
+                            wt = tl.load(qkv_w + l * D * I3 + (k0 + kk)[:, None] * I3 + c3 * INNER + hd * DH + e[None, :],
+                                         mask=km[:, None] & emask[None, :], other=0.0)
+                            acc3 += _dot(a, wt, DOT)
+                        tl.store(kvrow[:, None] + t * I3 + c3 * INNER + hd * DH + e[None, :],
+                                 acc3.to(kv_ptr.dtype.element_ty), mask=me)
             tl.debug_barrier()
             # causal attention of each query token (online softmax over <= W keys), out projection
             for tq in range(q0, T):
-                acc = tl.zeros((BM, BD), dtype=tl.float32)
-                for hd in range(sp * HPG, sp * HPG + HPG):
-                    hb = kvrow[:, None] + hd * DH + e[None, :]
-                    for e0 in range(0, DH, BE):  # the head's output in BE-wide column blocks (registers)
-                        ec = e0 + tl.arange(0, BE)
-                        mc = nmask[:, None] & (ec < DH)[None, :]
-                        vb = kvrow[:, None] + 2 * INNER + hd * DH + ec[None, :]
-                        q = tl.load(hb + tq * I3, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32) * sm_scale
-                        kj = tl.load(hb + INNER, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
-                        o = tl.load(vb, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
-                        m_i = tl.sum(q * kj, axis=1)  # key 0 is visible to every query
-                        l_i = tl.full((BM,), 1.0, tl.float32)
-                        for j in range(1, tq + 1):
-                            kj = tl.load(hb + j * I3 + INNER, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
-                            vj = tl.load(vb + j * I3, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
-                            sc = tl.sum(q * kj, axis=1)
-                            m_new = tl.maximum(m_i, sc)
-                            alpha = tl.exp(m_i - m_new)
-                            pj = tl.exp(sc - m_new)
-                            l_i = l_i * alpha + pj
-                            o = o * alpha[:, None] + pj[:, None] * vj
-                            m_i = m_new
-                        o = o / l_i[:, None]
-                        wt = tl.load(out_w + l * INNER * D + (hd * DH + ec)[:, None] * D + d[None, :],
-                                     mask=(ec < DH)[:, None] & dmask[None, :], other=0.0)
-                        acc += _dot(o, wt, DOT)
-                tl.store(part_ptr + ((sp * N + n64) * W + tq)[:, None] * D + d[None, :], acc, mask=m2)
+                for c0 in range(0, D, BN):  # output columns in BN blocks (fp32: attention recomputed per block)
+                    dn = c0 + tl.arange(0, BN)
+                    dnm = dn < D
+                    acc = tl.zeros((BM, BN), dtype=tl.float32)
+                    for hd in range(sp * HPG, sp * HPG + HPG):
+                        hb = kvrow[:, None] + hd * DH + e[None, :]
+                        for e0 in range(0, DH, BE):  # the head's output in BE-wide column blocks
+                            ec = e0 + tl.arange(0, BE)
+                            mc = nmask[:, None] & (ec < DH)[None, :]
+                            vb = kvrow[:, None] + 2 * INNER + hd * DH + ec[None, :]
+                            q = tl.load(hb + tq * I3, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32) * sm_scale
+                            kj = tl.load(hb + INNER, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
+                            o = tl.load(vb, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
+                            m_i = tl.sum(q * kj, axis=1)  # key 0 is visible to every query
+                            l_i = tl.full((BM,), 1.0, tl.float32)
+                            for j in range(1, tq + 1):
+                                kj = tl.load(hb + j * I3 + INNER, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
+                                vj = tl.load(vb + j * I3, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
+                                sc = tl.sum(q * kj, axis=1)
+                                m_new = tl.maximum(m_i, sc)
+                                alpha = tl.exp(m_i - m_new)
+                                pj = tl.exp(sc - m_new)
+                                l_i = l_i * alpha + pj
+                                o = o * alpha[:, None] + pj[:, None] * vj
+                                m_i = m_new
+                            o = o / l_i[:, None]
+                            wt = tl.load(out_w + l * INNER * D + (hd * DH + ec)[:, None] * D + dn[None, :],
+                                         mask=(ec < DH)[:, None] & dnm[None, :], other=0.0)
+                            acc += _dot(o, wt, DOT)
+                    tl.store(part_ptr + ((sp * N + n64) * W + tq)[:, None] * D + dn[None, :], acc,
+                             mask=nmask[:, None] & dnm[None, :])
         else:  # MLP (split = hidden block of FCW) or HEAD (split = pred_proj hidden block of PCW)
             for tq in range(q0, T):
                 arow = h_ptr + (n64 * W + tq) * D
@@ -821,6 +836,7 @@ class RolloutConfig:
     BK: int
     BF: int
     BE: int  # attention output column block (fp32 FMA dots need it narrower)
+    BN: int  # out-projection output column block
     num_warps: int
     att_splits: int
     mlp_splits: int
@@ -848,22 +864,23 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
         # bf16: wgmma tiles; fp32 (FMA dots, operands in registers): narrower K / hidden / head blocks
         wide = w.dtype != torch.float32
         BM, BK, BF, BE, nw = 64, min(64 if wide else 32, _p2(D)), 64 if wide else 32, 64 if wide else 32, 8
+        BN = _p2(D) if wide else 64
         RB = triton.cdiv(N, BM)
         want = max(1, math.ceil(1.5 * sms / RB))
         att = _divisor_at_least(w.heads, min(want, 8, w.heads))
         mlp = max(1, min(want, 8, triton.cdiv(w.mlp, BF)))
         head = max(1, min(want, 8, triton.cdiv(w.proj_hidden, BF)))
-        cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, num_warps=nw, att_splits=att, mlp_splits=mlp, head_splits=head,
+        cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, BN=BN, num_warps=nw, att_splits=att, mlp_splits=mlp, head_splits=head,
                    persistent=True, programs=sms)
     else:
         cfg = dict(BM=_p2(N, hi=64), BK=_p2(D, hi=128), BF=_p2(max(w.mlp, w.proj_hidden, w.act_w1.shape[1]), hi=256),
-                   BE=_p2(w.dim_head), num_warps=4, att_splits=1, mlp_splits=1, head_splits=1, persistent=False, programs=2)
+                   BE=_p2(w.dim_head), BN=_p2(D), num_warps=4, att_splits=1, mlp_splits=1, head_splits=1, persistent=False, programs=2)
     if override:
         unknown = set(override) - set(cfg)
         if unknown:
             raise ValueError(f"rollout_config: unknown fields {sorted(unknown)} (known: {sorted(cfg)})")
         cfg.update(override)
-    for name in ("BM", "BK", "BF", "BE"):
+    for name in ("BM", "BK", "BF", "BE", "BN"):
         v = cfg[name]
         assert v >= 16 and (v & (v - 1)) == 0, f"{name}={v}: tl.dot tiles must be powers of two >= 16"
     if w.heads % cfg["att_splits"] != 0:
@@ -1065,7 +1082,7 @@ def _fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, g
             rows_per_goal, hpg, fcw, pcw, nch,
             w.eps_mod, w.eps_attn, w.eps_mlp, w.eps_out, 1.0 / math.sqrt(w.dim_head))
     meta = dict(HAS_GOAL=goal is not None, DOT=_dot_mode(w), BM=cfg.BM, BK=cfg.BK, BF=cfg.BF, BD=_p2(D),
-                BDH=_p2(w.dim_head), BC=min(64, _p2(D)), BE=min(cfg.BE, _p2(w.dim_head)),
+                BDH=_p2(w.dim_head), BC=min(64, _p2(D)), BE=min(cfg.BE, _p2(w.dim_head)), BN=min(cfg.BN, _p2(D)),
                 num_warps=cfg.num_warps)
     costs = phase_costs(w, N, ws.phases, cfg)
     if cfg.persistent:

@@ -13,8 +13,9 @@ What makes it fast (each step is exact: it computes what the reference computes,
 * the whole CEM loop (sampling from the given noise, rollout, cost, top-k, refit, all iterations, and
   the encoding) has static shapes and no host synchronisation (no .item(), .cpu(), no Python branch on
   a tensor value), so on CUDA it is captured once per input shape into ONE CUDA graph and replayed;
-* on CUDA the rollout is the fused Triton rollout (`lewm_kernels.rollout.fused_rollout`: 4 kernels
-  per layer + 2 per step, terminal cost fused), optionally in bfloat16;
+* on CUDA the rollout is the fused Triton rollout (`lewm_kernels.rollout.fused_rollout`: one
+  persistent kernel per rollout, terminal cost fused), in bfloat16 with fp32 accumulation by default
+  (float32 selectable);
 * many environments are planned in one call (all E * samples candidates in one rollout).
 
 Backends (`backend=`): "triton" (fused kernels; CUDA, or the CPU under TRITON_INTERPRET=1 for tests),
@@ -29,13 +30,9 @@ their seeded generators, so FastPlanner and CEMPlanner with equal seeds see equa
 
 Benchmark: `python bench/planning_latency.py` (reference re-encoding, reference, FastPlanner and a
 DINO-WM-cost planner on the same frames and noise, plans checked first; `--backend`, `--dtype` choose
-the fast planner's options). Measured on the 2-core CPU development machine (torch 2.15, Nov 2026),
-one plan, one env, plans equal: tworoom-cpu (300 samples, 10 iterations) 1.4-1.5x (490 -> 319 ms,
-one thread, shared machine); pusht architecture at a reduced CEM 1.27x vs the reference encoding once
-and 1.67x vs the reference re-encoding (profiles/README.md). On the CPU the planner is GEMM-bound and
-the gain is the FLOP saving (~1.45x at pusht); torch.compile of the rollout ("compile") measured 1.67x
-at tworoom-cpu (eager KV cache: 1.54x in the same session) but costs ~1 min of compilation per shape,
-so "auto" stays eager on the CPU.
+the fast planner's options); the measured and modelled numbers are in profiles/README.md. On the CPU
+the planner is GEMM-bound and the gain is the FLOP saving; torch.compile of the rollout ("compile")
+costs about a minute of compilation per shape, so "auto" stays eager on the CPU.
 """
 from __future__ import annotations
 
@@ -202,13 +199,16 @@ class FastPlanner(Planner):
         them before the next rollout."""
         E, S = cand.shape[:2]
         acts = cand.reshape(E * S, self.horizon, self.width)
-        if self.backend == "triton":
+        backend = self.backend
+        if _utils.recording() and self.requested_backend in ("auto", "triton"):
+            backend = "triton"  # launches recorded, not run: what the GPU path would launch
+        if backend == "triton":
             key = (E * S, 1, self.horizon)
             ws = self._workspaces.get(key)
             if ws is None:
                 ws = self._workspaces[key] = RolloutWorkspace(self.weights, *key, config=self.kernel_config)
             _, cost = fused_rollout(self.weights, ctx, acts, zg, workspace=ws)
-        elif self.backend == "compile" and not final:
+        elif backend == "compile" and not final:
             if self._compiled is None:
                 self._compiled = torch.compile(rollout_reference, dynamic=False)
             _, cost = self._compiled(self.weights, ctx, acts, zg, check=False)
