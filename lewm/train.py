@@ -446,9 +446,7 @@ class Trainer:
             g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
         self.static = {"pixels": pixels.clone(), "actions": actions.clone(), "directions": directions.clone(),
                        "lr": torch.zeros((), device=self.device)}
-        snap = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        opt_snap = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in self.opt.state.items()}
-        rng = torch.cuda.get_rng_state(self.device)
+        snap = self.snapshot()
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
@@ -460,14 +458,34 @@ class Trainer:
         # we capture; in the default "global" mode any such call from another thread breaks the capture
         with torch.cuda.graph(self.graph, stream=s, capture_error_mode="thread_local"):
             self.static_out = self._graph_body()
-        with torch.no_grad():
-            for k, v in self.model.state_dict().items():
-                v.copy_(snap[k])
-            for p, st in self.opt.state.items():
-                for k, v in st.items():
-                    if torch.is_tensor(v):
-                        v.copy_(opt_snap[p][k]) if p in opt_snap and k in opt_snap[p] else v.zero_()
-        torch.cuda.set_rng_state(rng, self.device)
+        self.restore(snap)
+
+    def snapshot(self) -> dict:
+        """Weights, buffers, AdamW state and the RNG states, copied: what the warm-up steps before a CUDA
+        graph capture change. restore() writes them back *in place* (the graph holds the tensors'
+        addresses, so they must stay the same tensors)."""
+        snap = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "opt": {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
+                        for p, st in self.opt.state.items()},
+                "cpu_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            snap["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return snap
+
+    @torch.no_grad()
+    def restore(self, snap: dict) -> None:
+        for k, v in self.model.state_dict().items():
+            v.copy_(snap["model"][k])
+        for p, st in self.opt.state.items():
+            old = snap["opt"].get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    # state the warm-up created (AdamW's moments and step before its first step): zeros,
+                    # which is what a first AdamW step starts from
+                    v.copy_(old[k]) if k in old else v.zero_()
+        torch.set_rng_state(snap["cpu_rng"])
+        if "cuda_rng" in snap:
+            torch.cuda.set_rng_state(snap["cuda_rng"], self.device)
 
     def _graph_body(self):
         st = self.static
