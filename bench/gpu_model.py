@@ -22,8 +22,10 @@ Per Triton launch (cost dict keys "flops", "hbm_bytes", "l2_bytes", optional "ph
               the kernel compiled for sm_90 (--mma sass, profiles/kernels_sm90.py) or, without the
               compiler, from the dtypes (--mma dtype: a launch with bf16/fp16 tensors = HMMA class)
     phases  = a persistent kernel: per phase, an item takes tau = max(flops / (peak / SMs),
-              l2_bytes / (L2 / SMs)); the phase takes max(ceil(items / ctas) x tau,
-              serial x (tau + SYNC)); t_work = max(sum of phases, hbm_bytes / HBM)
+              l2_bytes / (L2 / SMs)) (a split-K phase's "reduce_bytes", the reads of the item that
+              reduces the partial sums, spread over its "split" items); the phase takes
+              max(ceil(items / ctas) x tau, serial x (tau + SYNC)); t_work = max(sum of phases,
+              hbm_bytes / HBM)
     t       = GAP + t_work                     (one CUDA-graph kernel node)
 
 Per aten op of the fast planner (inside its CUDA graph): GAP + max(flops / rate, bytes / HBM) for an
@@ -149,13 +151,28 @@ def launch_time_us(rec, dev: dict, mma: str) -> float:
     if phases:
         total = 0.0
         for p in phases:
-            tau = max(p.get("flops", 0) / (peak / sms), p.get("l2_bytes", 0) / (dev["l2"] / sms))
+            l2_item = p.get("l2_bytes", 0) + p.get("reduce_bytes", 0) / max(int(p.get("split", 1)), 1)
+            tau = max(p.get("flops", 0) / (peak / sms), l2_item / (dev["l2"] / sms))
             items = max(int(p.get("items", 1)), 1)
             serial = int(p.get("serial", 0))
             total += max(math.ceil(items / ctas) * tau, serial * (tau + SYNC_US * 1e-6))
         return max(total, hbm_t) * 1e6
     t = max(c.get("flops", 0) / peak, hbm_t, c.get("l2_bytes", 0) / dev["l2"])
     return t * _fill(ctas, sms) * 1e6
+
+
+def phase_breakdown(rec, dev: dict, mma: str) -> list:
+    """[(phase name, items, tau us, phase us)] of one persistent launch (see launch_time_us)."""
+    c = rec.cost or {}
+    peak, sms, ctas = peak_for(mma, dev), dev["sms"], max(rec.ctas, 1)
+    out = []
+    for p in c.get("phases") or []:
+        l2_item = p.get("l2_bytes", 0) + p.get("reduce_bytes", 0) / max(int(p.get("split", 1)), 1)
+        tau = max(p.get("flops", 0) / (peak / sms), l2_item / (dev["l2"] / sms))
+        items = max(int(p.get("items", 1)), 1)
+        t = max(math.ceil(items / ctas) * tau, int(p.get("serial", 0)) * (tau + SYNC_US * 1e-6))
+        out.append((p.get("name", "?"), items, tau * 1e6, t * 1e6))
+    return out
 
 
 def op_time_us(op, dev: dict) -> float:
@@ -368,6 +385,40 @@ def print_report(rows, out=None):
         print(f"note: {n}", file=out)
 
 
+def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None) -> None:
+    """Per config, the modelled H100 time of ONE CEM iteration's Triton launches, grouped by kernel
+    and, for a persistent kernel, by phase kind (the phase name's first word)."""
+    out = out or sys.stdout
+    model = L.build_model(preset)
+    dev = DEVICES["H100"]
+    for c in configs:
+        envs, dtype = CONFIGS[c]
+        r1 = L.record_plan(model, "fast", envs, dtype, iterations=1, fake=True, aten=False, **cem)
+        r2 = L.record_plan(model, "fast", envs, dtype, iterations=2, fake=True, aten=False, **cem)
+        per_iter = r2.launches[len(r1.launches) - 1:len(r2.launches) - 1] or r2.launches[:1]
+        cache: dict = {}
+        groups: dict = {}
+        for lr in per_iter:
+            mma, _ = mma_of(lr, mma_mode, cache)
+            if (lr.cost or {}).get("phases"):
+                for name, items, tau, t in phase_breakdown(lr, dev, mma):
+                    g = groups.setdefault(f"{lr.name}: {name.split()[0]}", [0, 0.0, 0])
+                    g[0] += 1
+                    g[1] += t
+                    g[2] += items
+            else:
+                g = groups.setdefault(lr.name, [0, 0.0, 0])
+                g[0] += 1
+                g[1] += GAP_US + launch_time_us(lr, dev, mma)
+                g[2] += lr.ctas
+        total = sum(g[1] for g in groups.values())
+        print(f"breakdown, H100 (modelled), {c}, one CEM iteration's Triton launches ({len(per_iter)}): "
+              f"{total:.0f} us", file=out)
+        for k, (n, t, items) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+            print(f"  {k:<40} {n:>4} phases/launches {items:>8} items/CTAs {t:>9.1f} us {t / total:>6.1%}",
+                  file=out)
+
+
 def append_csv(path, rows):
     path = Path(path)
     new = not path.exists() or path.stat().st_size == 0
@@ -392,6 +443,8 @@ def main(argv=None) -> int:
                     help="MMA class per kernel: from its sm_90 SASS (needs ptxas, kernels not interpreted), from "
                          "the dtypes, or auto (sass where possible)")
     ap.add_argument("--no-reference", action="store_true", help="skip the eager reference's model")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print where one rollout's time goes (per launch; per phase of a persistent kernel)")
     ap.add_argument("--measured", default=str(REPO / "profiles" / "planning_latency.csv"),
                     help="planning_latency CSV whose CUDA rows are printed beside the model ('' = none)")
     ap.add_argument("--csv", default=str(REPO / "profiles" / "gpu_model.csv"), help="CSV to append to ('' = none)")
@@ -418,6 +471,8 @@ def main(argv=None) -> int:
           f"from {mode}")
     rows = run(configs, args.iterations, mode, args.measured or None, args.preset, cem, reference=not args.no_reference)
     print_report(rows)
+    if args.breakdown:
+        print_breakdown(configs, mode, args.preset, cem)
     if args.csv:
         print(f"appended {len(rows)} rows to {append_csv(args.csv, rows)}")
     return 0
