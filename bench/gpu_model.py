@@ -19,8 +19,9 @@ Per Triton launch (cost dict keys "flops", "hbm_bytes", "l2_bytes", optional "ph
     t_work  = max(flops / peak, hbm_bytes / HBM, l2_bytes / L2) x ceil(ctas / SMs) x SMs / ctas
     peak    = by the kernel's MMA class: wgmma (HGMMA) the bf16 tensor-core rate; mma.sync (HMMA)
               that rate x HMMA_FRACTION; no MMA: the fp32 FMA rate. The class comes from the SASS of
-              the kernel compiled for sm_90 (--mma sass, profiles/kernels_sm90.py) or, without the
-              compiler, from the dtypes (--mma dtype: a launch with bf16/fp16 tensors = HMMA class)
+              the kernel compiled for sm_90 (--mma sass, profiles/kernels_sm90.py), from the rows
+              profiles/kernels_sm90.csv holds for that kernel and dtype (--mma report), or from the
+              dtypes (--mma dtype: a launch with bf16/fp16 tensors = HMMA class)
     phases  = a persistent kernel: per phase, an item takes tau = max(flops / (peak / SMs),
               l2_bytes / (L2 / SMs)) (a split-K phase's "reduce_bytes", the reads of the item that
               reduces the partial sums, spread over its "split" items); the phase takes
@@ -180,8 +181,48 @@ def op_time_us(op, dev: dict) -> float:
     return max(op.flops / rate, op.bytes / dev["hbm"]) * 1e6
 
 
+REPORT_CSV = REPO / "profiles" / "kernels_sm90.csv"
+
+
+def _report_classes(path=REPORT_CSV) -> dict:
+    """(kernel, dtype) -> (MMA class, spill bytes) from profiles/kernels_sm90.csv: the rows of the
+    installed triton version if it has any (else of any version), of the latest commit among them."""
+    import triton
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return {}
+    mine = [r for r in rows if r.get("triton") == triton.__version__] or rows
+    if not mine:
+        return {}
+    last = max(mine, key=lambda r: r.get("date", ""))["commit"]
+    out = {}
+    for r in mine:
+        if r.get("commit") != last:
+            continue
+        mma = (r.get("mma") or "-").split()
+        cls = "-"
+        for k in ("HGMMA", "QGMMA", "HMMA", "IMMA", "DMMA", "DFMA", "FFMA"):
+            if any(m.startswith(k + ":") for m in mma):
+                cls = k
+                break
+        key = (r["kernel"], r["dtype"])
+        prev = out.get(key, ("-", 0))
+        out[key] = (cls if prev[0] == "-" else prev[0], max(prev[1], int(r.get("spills") or 0)))
+    return out
+
+
 def mma_of(rec, mode: str, cache: dict) -> str:
-    """The MMA class of a launch's kernel: from its sm_90 SASS (mode "sass") or its dtypes."""
+    """The MMA class of a launch's kernel: from its sm_90 SASS (mode "sass"), from the rows of
+    profiles/kernels_sm90.csv (mode "report": same kernel name and dtype) or from its dtypes."""
+    low = any(isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in rec.args)
+    if mode == "report":
+        if "report" not in cache:
+            cache["report"] = _report_classes()
+        hit = cache["report"].get((rec.name, "bfloat16" if low else "float32"))
+        if hit is not None:
+            return hit
     if mode == "sass":
         try:
             import kernels_sm90 as K
@@ -194,7 +235,6 @@ def mma_of(rec, mode: str, cache: dict) -> str:
             return cache[key]
         except Exception as e:  # interpreted kernels, no ptxas: fall back to the dtypes
             cache.setdefault("errors", []).append(f"{rec.name}: {type(e).__name__}: {e}"[:200])
-    low = any(isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in rec.args)
     return ("HMMA" if low else "FFMA"), 0
 
 
@@ -439,9 +479,10 @@ def main(argv=None) -> int:
     ap.add_argument("--elites", type=int, default=L.PAPER_CEM["elites"])
     ap.add_argument("--horizon", type=int, default=L.PAPER_CEM["horizon"])
     ap.add_argument("--preset", default="pusht")
-    ap.add_argument("--mma", choices=["auto", "sass", "dtype"], default="auto",
-                    help="MMA class per kernel: from its sm_90 SASS (needs ptxas, kernels not interpreted), from "
-                         "the dtypes, or auto (sass where possible)")
+    ap.add_argument("--mma", choices=["auto", "sass", "report", "dtype"], default="auto",
+                    help="MMA class per kernel: from its sm_90 SASS (needs ptxas, kernels not interpreted; slow on a "
+                         "cold triton cache), from profiles/kernels_sm90.csv's rows (report), from the dtypes, or "
+                         "auto (sass where possible)")
     ap.add_argument("--no-reference", action="store_true", help="skip the eager reference's model")
     ap.add_argument("--breakdown", action="store_true",
                     help="also print where one rollout's time goes (per launch; per phase of a persistent kernel)")

@@ -92,7 +92,7 @@ else
   PLAN_50=(--envs 50 --repeats 3)
   TRAIN=(--device cuda --steps 5 --windows 3 --warmup 2 --workers 2 --episodes 40)
   [ "${LEWM_GPU_SESSION_COMPILE:-0}" = "1" ] || TRAIN+=(--no-compile)
-  MODEL=(--mma dtype)
+  MODEL=(--mma report)  # MMA classes from profiles/kernels_sm90.csv (no sm_90 compile inside the budget)
   SIGREG_ENV=(env)
 fi
 DINOWM=(--no-dinowm)

@@ -151,3 +151,20 @@ def test_run_prints_targets_and_measured_rows(tiny_model, tmp_path, capsys, monk
     path = G.append_csv(tmp_path / "gpu_model.csv", rows)
     assert path.read_text().splitlines()[0].startswith("date,commit,device,config,planner,launches")
     assert math.isfinite(float(fast_h100["modelled_ms"]))
+
+
+def test_mma_class_from_the_kernel_report(tmp_path):
+    """--mma report: the class of a kernel comes from profiles/kernels_sm90.csv's rows (same kernel and dtype)."""
+    rep = tmp_path / "kernels_sm90.csv"
+    rep.write_text(f"date,commit,triton,kernel,dtype,mma,spills\n"
+                   f"2026-12-02,abc,{triton.__version__},_toy,bfloat16,HGMMA:4 FFMA:10,0\n"
+                   f"2026-12-02,abc,{triton.__version__},_toy,float32,FFMA:99,8\n")
+    cache = {"report": G._report_classes(rep)}
+    flops = 2 * 300 * 576 * 192 * 1000
+    dev = G.DEVICES["H100"]
+    rec = _toy_records(torch.bfloat16, (264,), {"flops": flops})
+    t = G.model_recording(rec, dev, "fast", "report", cache)
+    assert t.t_us == pytest.approx(G.GAP_US + flops / 790e12 * 1e6, rel=1e-9) and not t.spilling
+    rec = _toy_records(torch.float32, (264,), {"flops": flops})
+    t = G.model_recording(rec, dev, "fast", "report", cache)
+    assert t.t_us == pytest.approx(G.GAP_US + flops / 60e12 * 1e6, rel=1e-9) and t.spilling == {"_toy"}
