@@ -864,7 +864,7 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
         # bf16: wgmma tiles; fp32 (FMA dots, operands in registers): narrower K / hidden / head blocks
         wide = w.dtype != torch.float32
         BM, BK, BF, BE, nw = 64, min(64 if wide else 32, _p2(D)), 64 if wide else 32, 64 if wide else 32, 8
-        BN = _p2(D) if wide else 64
+        BN = _p2(D) if wide else 32
         RB = triton.cdiv(N, BM)
         want = max(1, math.ceil(1.5 * sms / RB))
         att = _divisor_at_least(w.heads, min(want, 8, w.heads))

@@ -69,6 +69,7 @@ def test_fast_equals_reference_torch_backend(model):
     assert f.actions.abs().max() > 0.1 and f.cost.std() > 1e-3
 
 
+@pytest.mark.interp
 def test_fast_equals_reference_triton_backend(model):
     """The fused Triton rollout (interpreted on this CPU) inside the whole CEM loop."""
     kw = dict(samples=24, elites=4, iterations=2)
@@ -80,7 +81,7 @@ def test_fast_equals_reference_triton_backend(model):
     assert_same_plan(ref.plan(start, goal, noise), fast.plan(start, goal, noise))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interp)])
 def test_batched_equals_one_by_one(model, backend):
     kw = dict(samples=24, elites=4, iterations=2) if backend == "triton" else KW
     fast = FastPlanner(model, **kw, backend=backend)
@@ -111,6 +112,22 @@ def test_cem_loop_has_no_host_sync(model):
     z0, zg = torch.empty(E, D, device="meta"), torch.empty(E, D, device="meta")
     mean, final = fast._cem(z0, zg, torch.empty(fast.noise_shape(E), device="meta"))
     assert mean.shape == (E, 5, 10) and final.shape == (E,) and mean.device.type == "meta"
+
+
+def test_triton_cem_loop_records_one_persistent_launch_per_rollout(model):
+    """The GPU path walked on meta tensors with the launches recorded, not run (no GPU, no
+    interpreter): no host synchronisation anywhere on it, and one persistent rollout kernel per CEM
+    iteration plus one for the final mean."""
+    from lewm_kernels import _utils
+    fast = FastPlanner(model, **KW)  # "auto": torch on this CPU, the Triton path while recording
+    fast.weights = fast.weights.to("meta")
+    E, D = 2, model.mcfg.embed_dim
+    z0, zg = torch.empty(E, D, device="meta"), torch.empty(E, D, device="meta")
+    with _utils.record_launches() as rec:
+        mean, final = fast._cem(z0, zg, torch.empty(fast.noise_shape(E), device="meta"))
+    assert mean.shape == (E, 5, 10) and final.shape == (E,)
+    assert [r.name for r in rec] == ["_rollout_kernel"] * (KW["iterations"] + 1)
+    assert all(r.meta["PERSISTENT"] for r in rec)
 
 
 def test_from_config_and_by_name(model):
