@@ -16,14 +16,16 @@ scaled affinely to the iterations asked for (static shapes: every iteration laun
 
 Per Triton launch (cost dict keys "flops", "hbm_bytes", "l2_bytes", optional "phases"):
 
-    t_work  = max(flops / peak, hbm_bytes / HBM, l2_bytes / L2) x ceil(ctas / SMs) x SMs / ctas
+    t_work  = max(max(flops / peak, hbm_bytes / HBM) x ceil(ctas / SMs) x SMs / ctas,
+                  l2_bytes / (a SM's L2 rate x min(ctas, SMs)) x the same quantisation for ctas > SMs)
+              a SM's L2 rate = min(SM_L2, L2 / SMs reading): few CTAs cannot draw the aggregate
     peak    = by the kernel's MMA class: wgmma (HGMMA) the bf16 tensor-core rate; mma.sync (HMMA)
               that rate x HMMA_FRACTION; no MMA: the fp32 FMA rate. The class comes from the SASS of
               the kernel compiled for sm_90 (--mma sass, profiles/kernels_sm90.py), from the rows
               profiles/kernels_sm90.csv holds for that kernel and dtype (--mma report), or from the
               dtypes (--mma dtype: a launch with bf16/fp16 tensors = HMMA class)
     phases  = a persistent kernel: per phase, an item takes tau = max(flops / (peak / SMs),
-              l2_bytes / (L2 / SMs)) (a split-K phase's "reduce_bytes", the reads of the item that
+              l2_bytes / a SM's L2 rate with min(items, ctas) SMs reading) (a split-K phase's "reduce_bytes", the reads of the item that
               reduces the partial sums, spread over its "split" items); the phase takes
               max(ceil(items / ctas) x tau, serial x (tau + SYNC)); t_work = max(sum of phases,
               hbm_bytes / HBM)
@@ -44,7 +46,8 @@ an 8192^3 GEMM; the H100 SXM has the same tensor cores); fp32 FMA 60 TFLOP/s; HB
 (the upper end of the 1.5-2 us seen for back-to-back small kernels in a CUDA graph on Hopper: the
 launch, the ramp and the tail of a short kernel; the table gives 1.5 us beside it), HMMA_FRACTION
 0.5 (mma.sync reaches about half the wgmma rate on Hopper: FlashAttention-2 vs -3), SYNC 1.0 us
-(an inter-CTA hand-off through global memory: an L2 round trip for the flag and the data).
+(an inter-CTA hand-off through global memory: an L2 round trip for the flag and the data), SM_L2
+100 GB/s (one SM's L2 -> SM bandwidth when the aggregate is not the limit: about 50 bytes per clock).
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ GAP_LOW_US = 1.5
 SYNC_US = 1.0
 HMMA_FRACTION = 0.5
 HOST_US = (8.0, 12.0)
+SM_L2 = 100e9  # one SM's L2 -> SM bandwidth when the aggregate is not the limit (~50 B per clock)
 
 DEVICES = {
     "H100": dict(name="H100 (modelled)", sms=132, tc=790e12, fma=60e12, hbm=3.35e12, l2=5.5e12),
@@ -88,7 +92,8 @@ CSV_FIELDS = ["date", "commit", "device", "config", "planner", "launches", "flop
 
 def assumptions(dev: dict, mma_mode: str) -> str:
     return (f"tc {dev['tc'] / 1e12:.0f} TF/s, HMMA x{HMMA_FRACTION}, fma {dev['fma'] / 1e12:.0f} TF/s, "
-            f"HBM {dev['hbm'] / 1e12:.2f} TB/s, L2 {dev['l2'] / 1e12:.1f} TB/s, {dev['sms']} SMs, gap {GAP_US} us "
+            f"HBM {dev['hbm'] / 1e12:.2f} TB/s, L2 {dev['l2'] / 1e12:.1f} TB/s (<= {SM_L2 / 1e9:.0f} GB/s per SM), "
+            f"{dev['sms']} SMs, gap {GAP_US} us "
             f"(low {GAP_LOW_US}), sync {SYNC_US} us, host {HOST_US[0]:g}-{HOST_US[1]:g} us/op (reference), "
             f"mma class from {mma_mode}")
 
@@ -152,14 +157,22 @@ def launch_time_us(rec, dev: dict, mma: str) -> float:
     if phases:
         total = 0.0
         for p in phases:
-            l2_item = p.get("l2_bytes", 0) + p.get("reduce_bytes", 0) / max(int(p.get("split", 1)), 1)
-            tau = max(p.get("flops", 0) / (peak / sms), l2_item / (dev["l2"] / sms))
             items = max(int(p.get("items", 1)), 1)
+            l2_item = p.get("l2_bytes", 0) + p.get("reduce_bytes", 0) / max(int(p.get("split", 1)), 1)
+            tau = max(p.get("flops", 0) / (peak / sms), l2_item / _sm_l2(dev, min(items, ctas)))
             serial = int(p.get("serial", 0))
             total += max(math.ceil(items / ctas) * tau, serial * (tau + SYNC_US * 1e-6))
         return max(total, hbm_t) * 1e6
-    t = max(c.get("flops", 0) / peak, hbm_t, c.get("l2_bytes", 0) / dev["l2"])
-    return t * _fill(ctas, sms) * 1e6
+    t = max(c.get("flops", 0) / peak, hbm_t) * _fill(ctas, sms)
+    waves = math.ceil(ctas / sms)
+    t_l2 = c.get("l2_bytes", 0) / (_sm_l2(dev, min(ctas, sms)) * min(ctas, sms)) * (
+        waves * sms / ctas if ctas > sms else 1.0)
+    return max(t, t_l2) * 1e6
+
+
+def _sm_l2(dev: dict, active: int) -> float:
+    """L2 -> SM bytes/s one SM gets while `active` SMs read: the aggregate's share, at most SM_L2."""
+    return min(SM_L2, dev["l2"] / max(int(active), 1))
 
 
 def phase_breakdown(rec, dev: dict, mma: str) -> list:
@@ -168,9 +181,9 @@ def phase_breakdown(rec, dev: dict, mma: str) -> list:
     peak, sms, ctas = peak_for(mma, dev), dev["sms"], max(rec.ctas, 1)
     out = []
     for p in c.get("phases") or []:
-        l2_item = p.get("l2_bytes", 0) + p.get("reduce_bytes", 0) / max(int(p.get("split", 1)), 1)
-        tau = max(p.get("flops", 0) / (peak / sms), l2_item / (dev["l2"] / sms))
         items = max(int(p.get("items", 1)), 1)
+        l2_item = p.get("l2_bytes", 0) + p.get("reduce_bytes", 0) / max(int(p.get("split", 1)), 1)
+        tau = max(p.get("flops", 0) / (peak / sms), l2_item / _sm_l2(dev, min(items, ctas)))
         t = max(math.ceil(items / ctas) * tau, int(p.get("serial", 0)) * (tau + SYNC_US * 1e-6))
         out.append((p.get("name", "?"), items, tau * 1e6, t * 1e6))
     return out
@@ -186,7 +199,7 @@ REPORT_CSV = REPO / "profiles" / "kernels_sm90.csv"
 
 def _report_classes(path=REPORT_CSV) -> dict:
     """(kernel, dtype) -> (MMA class, spill bytes) from profiles/kernels_sm90.csv: the rows of the
-    installed triton version if it has any (else of any version), of the latest commit among them."""
+    installed triton version if it has any (else of any version), of the commit of the last of them."""
     import triton
     try:
         with open(path, newline="") as f:
@@ -196,7 +209,7 @@ def _report_classes(path=REPORT_CSV) -> dict:
     mine = [r for r in rows if r.get("triton") == triton.__version__] or rows
     if not mine:
         return {}
-    last = max(mine, key=lambda r: r.get("date", ""))["commit"]
+    last = mine[-1]["commit"]  # the file is an append log: its last rows are the latest
     out = {}
     for r in mine:
         if r.get("commit") != last:

@@ -62,9 +62,12 @@ def test_memory_bound_launch_and_wave_quantisation():
     rec = _toy_records(torch.float32, (133,), {"hbm_bytes": nbytes})
     assert G.model_recording(rec, h100, "fast", "dtype", {}).t_us == pytest.approx(
         G.GAP_US + 1000.0 * 264 / 133)
-    # 33 CTAs: a quarter of the SMs
+    # L2: 132 CTAs draw the aggregate rate; 33 CTAs only 33 x one SM's rate
+    rec = _toy_records(torch.float32, (132,), {"l2_bytes": 5.5e9})
+    assert G.model_recording(rec, h100, "fast", "dtype", {}).t_us == pytest.approx(G.GAP_US + 1000.0)
     rec = _toy_records(torch.float32, (33,), {"l2_bytes": 5.5e9})
-    assert G.model_recording(rec, h100, "fast", "dtype", {}).t_us == pytest.approx(G.GAP_US + 1000.0 * 4)
+    assert G.model_recording(rec, h100, "fast", "dtype", {}).t_us == pytest.approx(
+        G.GAP_US + 5.5e9 / (33 * G.SM_L2) * 1e6)
     # no cost dict: the gap only, counted as missing
     rec = _toy_records(torch.float32, (8,), None)
     t = G.model_recording(rec, h100, "fast", "dtype", {})
@@ -82,6 +85,11 @@ def test_persistent_kernel_phases_critical_path():
     t = G.model_recording(rec, dev, "fast", "dtype", {})
     expect = G.GAP_US + 2 * 1.0 + 5 * (1.0 + G.SYNC_US)
     assert t.t_us == pytest.approx(expect, rel=1e-9)
+    # an L2-bound phase of 40 items: each of the 40 SMs reads at one SM's rate
+    phases = [{"name": "C", "items": 40, "flops": 0, "l2_bytes": 1e6, "serial": 1}]
+    rec = _toy_records(torch.float32, (132,), {"phases": phases})
+    tau = 1e6 / min(G.SM_L2, 5.5e12 / 40) * 1e6
+    assert G.model_recording(rec, dev, "fast", "dtype", {}).t_us == pytest.approx(G.GAP_US + tau + G.SYNC_US)
 
 
 def test_eager_reference_is_host_bound():
