@@ -156,8 +156,9 @@ class TrainConfig:
                f"must be in [0, 1), got {self.warmup_frac!r}")
         _check(e, f"{p}.grad_clip", _num(self.grad_clip) and self.grad_clip > 0,
                f"must be positive, got {self.grad_clip!r}")
-        _check(e, f"{p}.val_frac", _num(self.val_frac) and 0 < self.val_frac < 1,
-               f"the held-out fraction of episodes must be in (0, 1), got {self.val_frac!r}")
+        _check(e, f"{p}.val_frac", _num(self.val_frac) and 0 <= self.val_frac < 1,
+               f"the held-out fraction of episodes must be in [0, 1) (0: no held-out episodes), got "
+               f"{self.val_frac!r}")
         _check(e, f"{p}.cache", self.cache in ("ram", "none", "auto"),
                f"must be ram, none or auto, got {self.cache!r}")
         return e

@@ -30,7 +30,7 @@ def test_help_lists_every_subcommand_on_one_line(capsys):
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--val-frac", "-0.1"], "--val-frac: train.val_frac: the held-out fraction of episodes must be in (0, 1)"),
+    (["--val-frac", "-0.1"], "--val-frac: train.val_frac: the held-out fraction of episodes must be in [0, 1)"),
     (["--val-frac", "1"], "--val-frac: train.val_frac"),
     (["--lambda", "-0.5"], "--lambda: sigreg.weight: lambda must be >= 0"),
     (["--weight-decay=-1e-3"], "--weight-decay: train.weight_decay: must be >= 0"),
