@@ -309,8 +309,11 @@ def record(config: str, model, iterations: int, preset: str):
     return L.record_sigreg_step(dtype=dtype, fake=True)
 
 
-def build_rows(configs, plan_iterations: int = 30, points=(1, 2), preset: str = "pusht", log=print):
-    """Record, deduplicate, compile and analyse; returns (rows, problems, notes)."""
+def build_rows(configs, plan_iterations: int = 30, points=(1, 2), preset: str = "pusht", log=print,
+               coarse: bool = False):
+    """Record, deduplicate, compile and analyse; returns (rows, problems, notes). `coarse`: compile one
+    specialisation per (kernel, constexprs, options) and reuse its analysis for the others (those
+    differ only in the integer / alignment specialisation of runtime arguments): fewer compiles."""
     import triton
     spec = Specialiser()
     model = None
@@ -344,12 +347,18 @@ def build_rows(configs, plan_iterations: int = 30, points=(1, 2), preset: str = 
                 n = L.scale_counts(n1, n_last, points[0], points[1], plan_iterations)
             else:
                 n = n_last
-            if key not in compiled:
+            ckey = key
+            if coarse:
+                fn_, sig_, consts_, attrs_, opts_ = cargs
+                ckey = json.dumps([fn_.__name__, sorted((str(k), repr(v)) for k, v in consts_.items()),
+                                   sorted(v for k, v in sig_.items() if str(v).startswith("*")),
+                                   opts_.get("num_warps"), opts_.get("num_stages")])
+            if ckey not in compiled:
                 t0 = time.perf_counter()
                 ck = compile_spec(*cargs)
-                compiled[key] = analyse(ck)
+                compiled[ckey] = analyse(ck)
                 log(f"  compiled {lr.name:<28} {time.perf_counter() - t0:5.1f} s")
-            a = compiled[key]
+            a = compiled[ckey]
             ctas = 1
             for g in grid:
                 ctas *= int(g)
@@ -427,6 +436,8 @@ def main(argv=None) -> int:
     ap.add_argument("--points", default="1,2", help="CEM iteration counts the plans are recorded at (one count: no "
                                                     "scaling; the launch counts are then those of that plan)")
     ap.add_argument("--preset", default="pusht")
+    ap.add_argument("--coarse", action="store_true",
+                    help="one compile per (kernel, constexprs, options): the test's shortcut")
     ap.add_argument("--csv", default=str(HERE / "kernels_sm90.csv"), help="CSV to append to ('' = none)")
     ap.add_argument("--json", default="", help="also write rows, problems and notes as JSON here")
     ap.add_argument("--check", action="store_true", help="exit 1 on a spill or a bf16 GEMM without tensor cores")
@@ -451,7 +462,8 @@ def main(argv=None) -> int:
         print(f"kernels_sm90: --points must be one count or two increasing counts, got {args.points}",
               file=sys.stderr)
         return 2
-    rows, problems, notes = build_rows(configs, args.plan_iterations, points=points, preset=args.preset)
+    rows, problems, notes = build_rows(configs, args.plan_iterations, points=points, preset=args.preset,
+                                       coarse=args.coarse)
     for n in notes:
         print(f"note: {n}")
     print_table(rows)

@@ -8,7 +8,8 @@ interpreted kernels cannot be compiled):
 * the gate: every kernel one plan (pusht preset, 300 samples, 1 env, fp32 and bf16) and one SIGReg
   step (fp32) launch compiles with zero spill bytes, and every bf16 GEMM kernel (a tl.dot on bf16
   operands) uses tensor-core MMA (HMMA or HGMMA). The plan is recorded at one CEM iteration: every
-  iteration launches the same specialisations.
+  iteration launches the same specialisations; one compile per (kernel, constexprs, options)
+  (--coarse: the integer specialisations of runtime arguments share it).
 
 Skips (with the reason) only where the triton wheel lacks ptxas / cuobjdump. Kernel modules that do
 not yet launch through `_utils.launch` (recorded through profiles/launches.py's shim) and fail the
@@ -142,7 +143,7 @@ def test_planner_and_sigreg_kernels_do_not_spill_and_use_tensor_cores(tmp_path):
     _tools_or_skip()
     js = tmp_path / "report.json"
     r = subprocess.run([sys.executable, str(REPO / "profiles" / "kernels_sm90.py"), "--configs", "small",
-                        "--points", "1", "--csv", "", "--json", str(js)], capture_output=True, text=True,
+                        "--points", "1", "--coarse", "--csv", "", "--json", str(js)], capture_output=True, text=True,
                        env=_env(tmp_path), timeout=1500, cwd=REPO)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     rep = json.loads(js.read_text())
