@@ -838,6 +838,7 @@ class RolloutConfig:
     BE: int  # attention output column block (fp32 FMA dots need it narrower)
     BN: int  # out-projection output column block
     num_warps: int
+    num_stages: int
     att_splits: int
     mlp_splits: int
     head_splits: int
@@ -863,18 +864,20 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
         sms = sms or _sm_count()
         # bf16: wgmma tiles; fp32 (FMA dots, operands in registers): narrower K / hidden / head blocks
         wide = w.dtype != torch.float32
-        BM, BK, BF, BE, nw = 64, min(64 if wide else 32, _p2(D)), 64 if wide else 32, 64 if wide else 32, 8
-        BN = _p2(D) if wide else 32
+        # (the persistent kernel holds every kind's code: bf16 needs 2 pipeline stages to stay in registers)
+        BM, BK, BF, nw = 64, min(32, _p2(D)), 32, 8
+        BE, BN, ns = (64, 64, 2) if wide else (32, 32, 3)
         RB = triton.cdiv(N, BM)
         want = max(1, math.ceil(1.5 * sms / RB))
         att = _divisor_at_least(w.heads, min(want, 8, w.heads))
         mlp = max(1, min(want, 8, triton.cdiv(w.mlp, BF)))
         head = max(1, min(want, 8, triton.cdiv(w.proj_hidden, BF)))
-        cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, BN=BN, num_warps=nw, att_splits=att, mlp_splits=mlp, head_splits=head,
-                   persistent=True, programs=sms)
+        cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, BN=BN, num_warps=nw, num_stages=ns, att_splits=att,
+                   mlp_splits=mlp, head_splits=head, persistent=True, programs=sms)
     else:
         cfg = dict(BM=_p2(N, hi=64), BK=_p2(D, hi=128), BF=_p2(max(w.mlp, w.proj_hidden, w.act_w1.shape[1]), hi=256),
-                   BE=_p2(w.dim_head), BN=_p2(D), num_warps=4, att_splits=1, mlp_splits=1, head_splits=1, persistent=False, programs=2)
+                   BE=_p2(w.dim_head), BN=_p2(D), num_warps=4, num_stages=1, att_splits=1, mlp_splits=1,
+                   head_splits=1, persistent=False, programs=2)
     if override:
         unknown = set(override) - set(cfg)
         if unknown:
@@ -1083,7 +1086,7 @@ def _fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, g
             w.eps_mod, w.eps_attn, w.eps_mlp, w.eps_out, 1.0 / math.sqrt(w.dim_head))
     meta = dict(HAS_GOAL=goal is not None, DOT=_dot_mode(w), BM=cfg.BM, BK=cfg.BK, BF=cfg.BF, BD=_p2(D),
                 BDH=_p2(w.dim_head), BC=min(64, _p2(D)), BE=min(cfg.BE, _p2(w.dim_head)), BN=min(cfg.BN, _p2(D)),
-                num_warps=cfg.num_warps)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     costs = phase_costs(w, N, ws.phases, cfg)
     if cfg.persistent:
         ws.ctr.zero_()

@@ -286,13 +286,14 @@ def test_config_is_dot_sized_and_checked(tiny):
 
 def test_gpu_decomposition_at_the_planners_shapes():
     """What the GPU gets (chosen here without one): wgmma-sized row blocks of 64 candidates in bf16,
-    narrower K blocks for fp32's FMA dots, one persistent launch; splits only where row blocks are
+    K / hidden blocks of 32, two pipeline stages in bf16 (what keeps the persistent kernel free of
+    spills: profiles/kernels_sm90.py checks it), one persistent launch; splits only where row blocks are
     too few to fill the SMs (1 env: 300 candidates), none at 50 envs (15,000)."""
     m = lewm.LeWM(lewm.preset("pusht")).eval()
-    for dtype, bk in ((torch.bfloat16, 64), (torch.float32, 32)):
+    for dtype, stages in ((torch.bfloat16, 2), (torch.float32, 3)):
         w = pack_predictor(m, dtype=dtype)
         one, fifty = rollout_config(w, 300, gpu=True, sms=132), rollout_config(w, 15000, gpu=True, sms=132)
-        assert one.BM == fifty.BM == 64 and one.BK == bk and one.persistent
+        assert one.BM == fifty.BM == 64 and one.BK == 32 and one.num_stages == stages and one.persistent
         assert one.att_splits > 1 and one.mlp_splits > 1 and 16 % one.att_splits == 0
         assert fifty.att_splits == fifty.mlp_splits == fifty.head_splits == 1
         # the phase list: 2 setup phases, then per step 2 per layer + pred_proj
