@@ -371,7 +371,7 @@ def run(configs, iterations: int = 30, mma_mode: str = "sass", measured_csv=None
             m = find_measured(meas, dk, planner, envs, dtype, cem["samples"], iterations)
             rows.append(dict(date=date, commit=commit, device=dev["name"], config=f"{preset} {cem['samples']}x"
                              f"{cem['elites']}x{iterations} H{cem['horizon']} {c}", planner=planner,
-                             launches=f"{t.launches + (t.ops if planner == 'fast' else 0):.0f}",
+                             launches=f"{t.launches + t.ops:.0f}",
                              flops=f"{t.flops:.4g}", hbm_bytes=f"{t.hbm:.4g}", l2_bytes=f"{t.l2:.4g}",
                              modelled_ms=f"{ms:.3f}", ratio_vs_reference=f"{ratio:.2f}",
                              assumptions=assumptions(dev, mma_mode), ms_per_env=f"{ms / envs:.3f}",
