@@ -101,7 +101,8 @@ def test_results_fields(tworoom_data, untrained_ckpt):
     assert c["planner_kw"]["temperature"] == 0.5
     frames = r["_videos"][0]
     assert len(frames) >= 2 and frames[0].shape[0] >= 128
-    json.dumps({k: v for k, v in r.items() if k != "_videos"})  # serialisable
+    json.dumps({k: v for k, v in r.items() if not k.startswith("_")})  # serialisable (_videos, _actions aside)
+    assert len(r["_actions"]) == 4 and all(a.shape[1] == 2 for a in r["_actions"])
 
 
 def test_cli_writes_results_and_video(tworoom_data, untrained_ckpt, tmp_path, capsys):
