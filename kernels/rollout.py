@@ -819,6 +819,11 @@ def _rollout_kernel(
 _p2 = _utils.p2
 
 
+# Most splits per GEMM phase. More splits shorten each item but lengthen the reduction (every split's
+# partial sums are read by one item): bench/gpu_model.py, 1 env, prefers 16 over 8 and 8 over 4.
+_MAX_SPLITS = 16
+
+
 def _divisor_at_least(n: int, want: int) -> int:
     """The smallest divisor of n that is >= want (n itself if none smaller)."""
     for k in range(max(1, want), n + 1):
@@ -852,10 +857,10 @@ class RolloutConfig:
 def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override: dict | None = None,
                    sms: int | None = None) -> RolloutConfig:
     """The work decomposition for N candidates. GPU: row blocks of 64 candidates (a wgmma-sized M tile),
-    K and hidden sub-tiles of 64, 8 warps; the attention / MLP / pred_proj GEMMs split (head groups,
+    K and hidden sub-tiles of 32, 8 warps; the attention / MLP / pred_proj GEMMs split (head groups,
     hidden blocks, reduced in a fixed order) only as much as needed to give every SM about 1.5 items
-    per phase, since each split adds a partial-sum round trip; one persistent launch whose programs
-    take items in ticket order. Interpreter: one row block as large as the problem, no splits, one
+    per phase (at most _MAX_SPLITS), since each split adds a partial-sum round trip; one persistent
+    launch whose programs take items in ticket order. Interpreter: one row block as large as the problem, no splits, one
     launch per phase (fewest Python-level programs). `override` sets any field (tests use it to cover
     several row blocks, splits and the persistent path on the CPU)."""
     gpu = _utils.gpu_tiles() if gpu is None else gpu
@@ -869,9 +874,9 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
         BE, BN, ns = (64, 64, 2) if wide else (32, 32, 3)
         RB = triton.cdiv(N, BM)
         want = max(1, math.ceil(1.5 * sms / RB))
-        att = _divisor_at_least(w.heads, min(want, 8, w.heads))
-        mlp = max(1, min(want, 8, triton.cdiv(w.mlp, BF)))
-        head = max(1, min(want, 8, triton.cdiv(w.proj_hidden, BF)))
+        att = _divisor_at_least(w.heads, min(want, _MAX_SPLITS, w.heads))
+        mlp = max(1, min(want, _MAX_SPLITS, triton.cdiv(w.mlp, BF)))
+        head = max(1, min(want, _MAX_SPLITS, triton.cdiv(w.proj_hidden, BF)))
         cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, BN=BN, num_warps=nw, num_stages=ns, att_splits=att,
                    mlp_splits=mlp, head_splits=head, persistent=True, programs=sms)
     else:
