@@ -473,14 +473,7 @@ def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None) ->
 
 
 def append_csv(path, rows):
-    path = Path(path)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    return path
+    return L.append_csv(path, rows, CSV_FIELDS)
 
 
 def main(argv=None) -> int:

@@ -546,6 +546,15 @@ def _normalize_rows(xrow, nmask, D, mrow, tmprow, lnw_ptr, lnb_ptr, hrow, eps_mo
 
 
 @triton.jit
+def _split_sum(prow, pstride, nsplit, c0, c, cm, BM: tl.constexpr, BC: tl.constexpr):
+    """sum over splits g = 0 .. nsplit-1, in that order, of the partial-sum columns c0 + c of rows prow."""
+    s = tl.zeros((BM, BC), dtype=tl.float32)
+    for g in range(0, nsplit):
+        s += tl.load(prow[:, None] + g * pstride + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+    return s
+
+
+@triton.jit
 def _finish(typ, tq, nsplit, n64, nmask, l, lo, i, last_step,
             x_ptr, h_ptr, z_ptr, mod_ptr, part_ptr, cost_ptr, goal_ptr,
             out_b, fc2_b, head_b2, attn_ln_w, attn_ln_b, mlp_ln_w, mlp_ln_b, norm_w, norm_b,
@@ -569,9 +578,7 @@ def _finish(typ, tq, nsplit, n64, nmask, l, lo, i, last_step,
         for c0 in range(0, D, BC):
             cmk = (c0 + c) < D
             cm = nmask[:, None] & cmk[None, :]
-            s = tl.zeros((BM, BC), dtype=tl.float32)
-            for g in range(0, nsplit):
-                s += tl.load(prow[:, None] + g * pstride + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+            s = _split_sum(prow, pstride, nsplit, c0, c, cm, BM, BC)
             zn = s + tl.load(head_b2 + c0 + c, mask=cmk, other=0.0)[None, :]
             tl.store(zrow[:, None] + c0 + c[None, :], zn, mask=cm)
             if HAS_GOAL:
@@ -588,9 +595,7 @@ def _finish(typ, tq, nsplit, n64, nmask, l, lo, i, last_step,
         for c0 in range(0, D, BC):
             cmk = (c0 + c) < D
             cm = nmask[:, None] & cmk[None, :]
-            s = tl.zeros((BM, BC), dtype=tl.float32)
-            for g in range(0, nsplit):
-                s += tl.load(prow[:, None] + g * pstride + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+            s = _split_sum(prow, pstride, nsplit, c0, c, cm, BM, BC)
             gate = tl.load(mrow[:, None] + gate_off + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
             x = tl.load(xrow[:, None] + c0 + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
             x += gate * (s + tl.load(bias + c0 + c, mask=cmk, other=0.0)[None, :])

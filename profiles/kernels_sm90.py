@@ -48,7 +48,6 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
-import csv  # noqa: E402
 import datetime as _dt  # noqa: E402
 import hashlib  # noqa: E402
 import inspect  # noqa: E402
@@ -417,14 +416,7 @@ def print_table(rows, out=None):
 
 
 def append_csv(path, rows):
-    path = Path(path)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    return path
+    return L.append_csv(path, rows, CSV_FIELDS)
 
 
 def main(argv=None) -> int:

@@ -410,3 +410,17 @@ def ceil_div(a: int, b: int) -> int:
 
 __all__ = ["AtenRecorder", "OpRecord", "Recording", "build_model", "make_planner", "record_plan",
            "record_sigreg_step", "legacy_shim", "legacy_modules", "scale_counts", "PAPER_CEM", "math"]
+
+
+def append_csv(path, rows, fields):
+    """Append dict rows to the CSV at `path` (columns `fields`; the header only if the file is new)."""
+    import csv
+    from pathlib import Path
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    return path
