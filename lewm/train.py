@@ -611,6 +611,8 @@ class Trainer:
         behaviour stays: the last periodic checkpoint is what --resume finds)."""
         if self.dist.world > 1 or threading.current_thread() is not threading.main_thread():
             return None
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # nohup, a background job: SIGINT stays ignored
+            return None
         self._sigints = 0
 
         def on_sigint(signum, frame):

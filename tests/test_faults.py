@@ -195,7 +195,16 @@ def uninterrupted(syn, tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def sigint_default():
+    """SIGINT as in a terminal (a background job, as CI may run, starts with it ignored)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals: main thread")
+@pytest.mark.usefixtures("sigint_default")
 def test_sigint_mid_step_saves_and_resume_continues_exactly(syn, uninterrupted, tmp_path, monkeypatch):
     cfg = lewm.preset("tiny", train={"steps": 12, "log_every": 4, "ckpt_every": 4})
     monkeypatch.setattr(T, "_FAULT_HITS", {})
@@ -212,6 +221,7 @@ def test_sigint_mid_step_saves_and_resume_continues_exactly(syn, uninterrupted, 
                         uninterrupted / "checkpoints" / "step_00000012")
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_second_sigint_stops_at_once_and_says_nothing_was_saved(syn, tmp_path, monkeypatch):
     cfg = lewm.preset("tiny", train={"steps": 12, "log_every": 4, "ckpt_every": 4})
     monkeypatch.setattr(T, "_FAULT_HITS", {})
@@ -232,12 +242,27 @@ def test_second_sigint_stops_at_once_and_says_nothing_was_saved(syn, tmp_path, m
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["latest", "step_00000004"]
 
 
+def test_ignored_sigint_stays_ignored(syn, tmp_path, monkeypatch):
+    """Under nohup or as a background job SIGINT is ignored: training does not take it over."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        monkeypatch.setattr(T, "_FAULT_HITS", {})
+        monkeypatch.setenv("LEWM_FAULT", "step_mid@3:INT")
+        cfg = lewm.preset("tiny", train={"steps": 6, "log_every": 3, "ckpt_every": 6})
+        Trainer(cfg, syn, tmp_path / "r", progress=False, log=quiet).run()  # runs to the end
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert find_latest(tmp_path / "r").name == "step_00000006"
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.slow
 def test_sigint_from_the_command_line_exits_130_with_the_checkpoint(syn, tmp_path):
     env = dict(os.environ, LEWM_FAULT="step_mid@5:INT", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "lewm.cli", "train", "--data", str(syn), "--out", str(tmp_path / "r"),
                         "--preset", "tiny", "--steps", "20", "--ckpt-every", "100", "--no-progress"],
-                       capture_output=True, text=True, timeout=600, env=env)
+                       capture_output=True, text=True, timeout=600, env=env,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored (CI)
     assert r.returncode == 130, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("lewm train: interrupted: at step 5 of 20: checkpoint ") and "--resume" in last, r.stderr
