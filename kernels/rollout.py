@@ -87,7 +87,6 @@ synchronisation, so it can be captured in a CUDA graph.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -964,7 +963,7 @@ def _phase_table(phases: list, device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
-def phase_costs(w: RolloutWeights, N: int, phases: list, cfg: RolloutConfig) -> list:
+def phase_costs(w: RolloutWeights, phases: list, cfg: RolloutConfig) -> list:
     """Per phase: items, FLOPs per item, bytes each item reads from L2 (weights + activations) and
     writes, for the cost model (bench/gpu_model.py). Counted as the kernel computes them: padded tiles
     (BD = next power of two of D) included, since that is what the tensor cores execute."""
@@ -1021,6 +1020,7 @@ class RolloutWorkspace:
         self.config = config
         self.key = (N, C, H, dev, dt, config)
         self.phases = build_phases(w, N, C, H, config)
+        self.costs = phase_costs(w, self.phases, config)  # per phase, for launch records (the cost model)
         self.rb = triton.cdiv(N, config.BM)
         self.total = self.phases[-1]["start"] + self.phases[-1]["items"]
         splits = max(p["split"] for p in self.phases if p["type"] >= _ATT)
@@ -1039,9 +1039,6 @@ class RolloutWorkspace:
             raise ValueError(f"fused_rollout: {N} candidates need a buffer of {big.numel()} elements, more than "
                              "int32 offsets address; plan fewer environments per call")
 
-    def launches(self) -> int:
-        """Kernel launches per rollout: 2 if persistent (counter reset + the kernel), else one per phase."""
-        return 2 if self.config.persistent else len(self.phases)
 
 
 def _dot_mode(w: RolloutWeights) -> int:
@@ -1097,7 +1094,7 @@ def _fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, g
     meta = dict(HAS_GOAL=goal is not None, DOT=_dot_mode(w), BM=cfg.BM, BK=cfg.BK, BF=cfg.BF, BD=_p2(D),
                 BDH=_p2(w.dim_head), BC=min(64, _p2(D)), BE=min(cfg.BE, _p2(w.dim_head)), BN=min(cfg.BN, _p2(D)),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    costs = phase_costs(w, N, ws.phases, cfg)
+    costs = ws.costs
     if cfg.persistent:
         ws.ctr.zero_()
         grid = (max(1, min(cfg.programs, ws.total)),)
@@ -1107,9 +1104,9 @@ def _fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, g
                                              for c in costs),
                                 hbm_bytes=_weight_bytes(w) + ws_bytes(ws), phases=costs), **meta)
     else:
-        for p, c in zip(ws.phases, costs):
+        for k, (p, c) in enumerate(zip(ws.phases, costs)):
             a = list(args)
-            a[1] = ws.phases.index(p)
+            a[1] = k
             _utils.launch(_rollout_kernel, (p["items"],), *a, PERSISTENT=False, KIND=p["type"],
                           tag=f"rollout {c['name']}",
                           cost=dict(flops=c["flops"] * c["items"],
