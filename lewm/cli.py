@@ -21,6 +21,7 @@ COMMANDS = {
     "surprise": ("lewm.evals.surprise", "violation-of-expectation surprise along trajectories"),
     "collapse": ("lewm.collapse", "train with lambda 0 and 0.09 and compare effective rank"),
     "quickstart": ("lewm.quickstart", "collect, train and evaluate TwoRoom on this machine"),
+    "convert": ("lewm.convert", "reference checkpoint (weights.pt) to ours, or back"),
 }
 
 
