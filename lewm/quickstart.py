@@ -147,6 +147,7 @@ def main(args) -> int:
         "episodes_collected": args.episodes, "image_size": cfg.model.image_size,
         "success_rate": res["success_rate"], "ci95": res["ci95"],
         "random_success_rate": rb["success_rate"], "random_ci95": rb["ci95"],
+        "already_solved": res["already_solved"]["count"], "exclude_solved": res["already_solved"]["excluded"],
         "planner": args.planner, "latency": lat, "timings": timings,
         "checkpoint": str(latest), "videos": saved.get("videos", []),
     }
@@ -159,6 +160,8 @@ def main(args) -> int:
           f"{res['num_successes']}/{res['episodes']} episodes, {args.planner} planner)")
     print(f"random policy     {100 * rb['success_rate']:.0f}%  (95% CI {100 * rb['ci95'][0]:.0f}-"
           f"{100 * rb['ci95'][1]:.0f}%, same episodes)")
+    print(f"already solved    {res['already_solved']['count']} of {res['already_solved']['of']} drawn start/goal "
+          "pairs, replaced by unsolved ones (docs/evaluation.md)")
     print(f"one plan, 1 env   reference (re-encoding) {lat['reference_reencode']['median_ms']:.0f} ms | "
           f"reference {lat['reference']['median_ms']:.0f} ms | fast {lat['fast']['median_ms']:.0f} ms  "
           f"-> {lat['speedup_vs_reference_reencode']:.1f}x / {lat['speedup_vs_reference']:.1f}x "

@@ -249,3 +249,89 @@ def test_bad_flags(tworoom_data, untrained_ckpt, capsys, no_work):
     assert "--videos needs --out" in _eval(capsys, *base_args, "--videos", "2")
     assert "--budget must be positive" in _eval(capsys, *base_args, "--budget", "0")
     assert "exceeds the planning horizon" in _eval(capsys, *base_args, "--receding-horizon", "9")
+
+
+# -- a protocol a reader can trust (docs/evaluation.md) ------------------------------------------------
+def test_results_do_not_depend_on_batching(tworoom_data, tworoom_model):
+    """The same episodes planned 1, 7 and all (11) per call execute the same actions: one random stream
+    per episode, and solved episodes leaving the batch change nothing for the others."""
+    kw = dict(planner="cem", planner_kw=FAST, episodes=11, device="cpu")
+    runs = [evaluate(tworoom_model, "tworoom", tworoom_data, num_envs=n, **kw) for n in (1, 7, None)]
+    assert 2 <= sum(runs[0]["successes"]) <= 10, runs[0]["successes"]  # masking happens, not everything solved
+    assert {tuple(r["config"]["planner_kw"].items()) for r in runs} == {tuple(runs[0]["config"]["planner_kw"].items())}
+    for r in runs[1:]:
+        assert r["start_rows"] == runs[0]["start_rows"]
+        assert r["steps_to_success"] == runs[0]["steps_to_success"]
+        assert r["random_baseline"]["steps_to_success"] == runs[0]["random_baseline"]["steps_to_success"]
+        for x, y in zip(runs[0]["_actions"], r["_actions"]):
+            assert x.shape == y.shape and np.allclose(x, y, atol=1e-4), np.abs(x - y).max()
+    assert runs[2]["envs_per_call"]["median"] > 1 and runs[0]["envs_per_call"]["median"] == 1
+
+
+def test_already_solved_counted_and_replaced(tworoom_data, untrained_ckpt):
+    kw = dict(planner="cem", planner_kw=FAST, episodes=24, budget=5, device="cpu")
+    keep = evaluate(untrained_ckpt, "tworoom", tworoom_data, exclude_solved=False, **kw)
+    a = keep["already_solved"]
+    setup = mpc.check_inputs(lewm.preset("tiny"), "tworoom", tworoom_data, episodes=24, goal_offset=25, budget=5)
+    solved = mpc.solved_at_start(setup, setup.start_rows, setup.goal_rows)
+    assert keep["start_rows"] == setup.start_rows.tolist()  # kept: the reference's draw
+    assert a["count"] == int(solved.sum()) >= 1 and a["of"] == 24 and not a["excluded"]
+    assert a["rows"] == setup.start_rows[solved].tolist()
+    for i in np.flatnonzero(solved):  # solved before any action: a success at the first step
+        assert keep["steps_to_success"][i] == 1
+    excl = evaluate(untrained_ckpt, "tworoom", tworoom_data, exclude_solved=True, **kw)
+    assert excl["already_solved"]["count"] == a["count"] and excl["already_solved"]["excluded"]
+    rows = np.array(excl["start_rows"])
+    assert (rows[~solved] == setup.start_rows[~solved]).all()  # unsolved pairs keep their place
+    assert not set(rows[solved]) & set(setup.start_rows)  # replacements are new rows...
+    assert len(set(rows)) == 24 and set(rows) <= set(setup.pool)  # ...from the pool, without repeats
+    assert not mpc.solved_at_start(setup, rows, rows + 25).any()  # ...and not solved either
+    assert (np.array(excl["goal_rows"]) == rows + 25).all()
+
+
+def test_seeds_and_episode_records(tworoom_data, untrained_ckpt, tmp_path):
+    r = evaluate(untrained_ckpt, "tworoom", tworoom_data, planner="cem", planner_kw=FAST, episodes=5, budget=30,
+                 device="cpu", seeds=3)
+    sd = r["seeds"]
+    assert sd["planner_seeds"] == [42, 43, 44] and len(sd["per_seed"]) == 3
+    rates = [s["success_rate"] for s in sd["per_seed"]]
+    assert sd["mean"] == pytest.approx(np.mean(rates)) and sd["std"] == pytest.approx(np.std(rates, ddof=1))
+    assert sd["pooled_trials"] == 15 and sd["pooled_successes"] == sum(s["num_successes"] for s in sd["per_seed"])
+    lo, hi = sd["pooled_ci95"]
+    assert lo <= sd["pooled_successes"] / 15 <= hi
+    assert sd["per_seed"][0]["successes"] == r["successes"]  # seed 0 is the headline run
+    assert sd["random"]["pooled_trials"] == 15 and all(len(s["random_records"]) == 5 for s in sd["per_seed"])
+    # seeds change the planner's draws, not the episodes
+    assert {tuple(x["start_row"] for x in s["records"]) for s in sd["per_seed"]} == {tuple(r["start_rows"])}
+    for rec, ok, step in zip(r["records"], r["successes"], r["steps_to_success"]):
+        assert set(rec) == {"episode", "start_row", "goal_row", "success", "first_success_step",
+                            "final_latent_distance", "final_state_errors"}
+        assert rec["goal_row"] == rec["start_row"] + 25 and rec["success"] == ok and rec["first_success_step"] == step
+        assert rec["final_latent_distance"] >= 0
+        assert (rec["final_state_errors"]["agent_target_px"] < 16) == ok  # TwoRoom's success rule
+    saved = mpc.save_results(r, tmp_path / "ev")
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["records"] == saved["records"]
+
+
+def test_held_out_episodes_of_another_file_refused(tworoom_data, untrained_ckpt, tmp_path, capsys):
+    import conftest
+    other = conftest.collect_tworoom(tmp_path / "other.h5", episodes=40, seed=5)
+    err = _eval(capsys, "tworoom", "--checkpoint", str(untrained_ckpt), "--data", str(other))
+    assert f"--data {other} is not the file" in err and "--allow-other-data" in err
+    kw = dict(planner="cem", planner_kw=FAST, episodes=2, budget=5, device="cpu")
+    r = evaluate(untrained_ckpt, "tworoom", other, allow_other_data=True, **kw)
+    assert r["config"]["training_data"].startswith("differs") and any("warning" in n for n in r["config"]["notes"])
+    r = evaluate(untrained_ckpt, "tworoom", other, split="train", **kw)  # training episodes: a warning only
+    assert r["config"]["training_data"].startswith("differs")
+    r = evaluate(untrained_ckpt, "tworoom", tworoom_data, **kw)
+    assert r["config"]["training_data"].startswith("matches")
+
+
+def test_converted_reference_checkpoint_has_no_held_out_episodes(tworoom_data, untrained_ckpt, tmp_path, capsys):
+    from lewm.convert import from_reference, to_reference
+    ref = to_reference(LeWM.load(untrained_ckpt), tmp_path / "ref")
+    conv = from_reference(ref, data=tworoom_data).save(tmp_path / "conv", extra={"source": {"format": "reference"}})
+    err = _eval(capsys, "tworoom", "--checkpoint", str(conv), "--data", str(tworoom_data))
+    assert "converted from the reference" in err and "--split train" in err
+    r = evaluate(conv, "tworoom", tworoom_data, split="train", planner_kw=FAST, episodes=2, budget=5, device="cpu")
+    assert r["config"]["checkpoint_source"] == "reference" and r["config"]["training_data"].startswith("matches")

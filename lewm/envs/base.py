@@ -58,6 +58,11 @@ class Env(abc.ABC):
     def success(self) -> bool:
         """The reference's success rule for the current state and goal."""
 
+    def goal_errors(self) -> dict[str, float]:
+        """The quantities `success()` thresholds, against the goal (e.g. {"agent_target_px": 12.5}):
+        what the evaluation records as an episode's final state distance. Default: none."""
+        return {}
+
     # -- helpers with defaults ---------------------------------------------------------------------
     def _obs(self, render: bool) -> dict:
         """The observation dict reset/step return: the row's state columns, plus the frame if asked."""

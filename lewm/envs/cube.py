@@ -172,6 +172,9 @@ class CubeEnv(Env):
         self.data.mocap_quat[self._mocap] = quat
         self._mj.mj_kinematics(self.model, self.data)
 
+    def goal_errors(self) -> dict[str, float]:
+        return {"cube_target_m": float(np.linalg.norm(self.cube_pos() - self.target_pos()))}
+
     def success(self) -> bool:
         return float(np.linalg.norm(self.cube_pos() - self.target_pos())) <= SUCCESS_DIST
 

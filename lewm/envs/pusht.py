@@ -199,6 +199,10 @@ class PushTEnv(Env):
         s = self.row()["state"]
         return float(np.linalg.norm(self.goal[:4] - s[:4])), float(abs(_wrap(self.goal[4] - s[4])))
 
+    def goal_errors(self) -> dict[str, float]:
+        pos, ang = self.errors()
+        return {"position": pos, "angle_rad": ang}
+
     def success(self) -> bool:
         pos, ang = self.errors()
         return pos < POS_TOL and ang < ANGLE_TOL

@@ -173,6 +173,9 @@ class ReacherEnv(Env):
         the wrist's +-160 deg range cannot bring a wrapped difference under the tolerance)."""
         return np.abs(_wrap(self.data.qpos - self.target_qpos))
 
+    def goal_errors(self) -> dict[str, float]:
+        return {"max_joint_rad": float(self.joint_errors().max())}
+
     def success(self) -> bool:
         return bool((self.joint_errors() < JOINT_TOL).all())
 

@@ -196,6 +196,9 @@ class TwoRoomEnv(Env):
     def distance(self) -> float:
         return float(np.linalg.norm(self.agent - self.target))
 
+    def goal_errors(self) -> dict[str, float]:
+        return {"agent_target_px": self.distance()}
+
     def success(self) -> bool:
         return self.distance() < SUCCESS_DIST
 

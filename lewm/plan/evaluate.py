@@ -4,11 +4,14 @@
     lewm eval tworoom --checkpoint runs/tworoom --data data/tworoom.h5 --planner mppi \\
         --random-baseline --out evals/tworoom --videos 4
 
-The protocol (lewm/plan/mpc.py): 50 start rows drawn with seed 42 from the held-out episodes
-(--split train: every episode, as the reference), goal = the frame 25 raw steps later, budget 50
-steps, replanning every 25 steps, success if the env's success rule holds at any step. Prints the
-success rate with its 95% Wilson interval and the planning time per plan; --out writes
-results.json and GIFs (agent view | goal) of the first --videos episodes.
+The protocol (lewm/plan/mpc.py, docs/evaluation.md): 50 start rows drawn with seed 42 from the
+held-out episodes (--split train: every episode, as the reference), goal = the frame 25 raw steps
+later, budget 50 steps, replanning every 25 steps, success if the env's success rule holds at any
+step. Start/goal pairs already solved before any action are counted and, by default, replaced
+(--include-solved keeps them, as the reference). The random policy runs on the same episodes every
+time. --seeds N repeats the protocol with N planner seeds. Prints the success rate with its 95%
+Wilson interval beside the random policy's, and the planning time per plan; --out writes
+results.json (with a record per episode) and GIFs (agent view | goal) of the first --videos episodes.
 
 Every input mistake is reported in one line before any planning starts: a missing checkpoint, a
 checkpoint trained for another action dimension, a data set from another environment (its `env`
@@ -16,6 +19,8 @@ attribute) or too short for the goal offset, an environment without a success ru
 image sizes are fine (the model's encode resizes frames).
 """
 from __future__ import annotations
+
+import argparse
 
 from .mpc import PLANNERS
 
@@ -47,7 +52,17 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--num-envs", type=int, help="episodes planned per batched call (default: all)")
     p.add_argument("--random-baseline", action="store_true",
-                   help="also run a uniform random policy under the same protocol")
+                   help="(always on: the random policy runs on the same episodes; kept for old scripts)")
+    p.add_argument("--exclude-solved", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace start/goal pairs already solved before any action by unsolved ones (default); "
+                        "--include-solved / --no-exclude-solved keeps them, as the reference")
+    p.add_argument("--include-solved", dest="exclude_solved", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="repeat the protocol with N planner seeds (seed, seed+1, ...) on the same episodes: "
+                        "per-seed rates, mean +- std, a pooled 95%% interval")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="plan on held-out episodes of a file other than the checkpoint's training data "
+                        "(refused by default: its held-out split means nothing there)")
     p.add_argument("--out", help="folder for results.json and videos")
     p.add_argument("--videos", type=int, default=0, help="write GIF/MP4s of the first N episodes (needs --out)")
     p.add_argument("--video-format", default="gif", choices=["gif", "mp4"])
@@ -65,7 +80,7 @@ def main(args) -> int:
     from .mpc import evaluate, save_results
 
     for flag in ("episodes", "goal_offset", "budget", "samples", "iterations", "elites", "receding_horizon",
-                 "num_envs"):
+                 "num_envs", "seeds"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {v}")
@@ -89,14 +104,29 @@ def main(args) -> int:
     res = evaluate(args.checkpoint, args.env, args.data, planner=args.planner, planner_kw=kw,
                    episodes=args.episodes, goal_offset=args.goal_offset, budget=args.budget,
                    receding_horizon=args.receding_horizon, split=args.split, seed=args.seed, device=args.device,
-                   num_envs=args.num_envs, random_baseline=args.random_baseline, videos=args.videos,
+                   num_envs=args.num_envs, random_baseline=True, exclude_solved=args.exclude_solved,
+                   seeds=args.seeds, allow_other_data=args.allow_other_data, videos=args.videos,
                    progress=not args.no_progress, log=print)
     c = res["config"]
     print(f"lewm eval {args.env}: {args.planner}, {c['episodes']} episodes ({c['split']} split, seed {c['seed']}), "
           f"goal offset {c['goal_offset']}, budget {c['budget']}, on {c['device']}")
+    a = res["already_solved"]
+    print(f"already solved at the start: {a['count']} of {a['of']} drawn pairs"
+          + (" (replaced by unsolved pairs)" if a["excluded"] else " (kept, as the reference; --exclude-solved "
+                                                                    "replaces them)"))
     print(f"success {_fmt_ci(res)}")
     if "random_baseline" in res:
         print(f"random policy {_fmt_ci(res['random_baseline'])}")
+    sd = res["seeds"]
+    if len(sd["planner_seeds"]) > 1:
+        lo, hi = sd["pooled_ci95"]
+        rates = ", ".join(f"{100 * r['success_rate']:.0f}" for r in sd["per_seed"])
+        print(f"{len(sd['planner_seeds'])} seeds: {rates} %; mean {100 * sd['mean']:.1f} +- {100 * sd['std']:.1f}, "
+              f"pooled {sd['pooled_successes']}/{sd['pooled_trials']} (95% CI {100 * lo:.1f}-{100 * hi:.1f}%)")
+        if "random" in sd:
+            r = sd["random"]
+            print(f"random policy over the seeds: mean {100 * r['mean']:.1f} +- {100 * r['std']:.1f} "
+                  f"(95% CI {100 * r['pooled_ci95'][0]:.1f}-{100 * r['pooled_ci95'][1]:.1f}%)")
     pt, pe = res["plan_time_s"], res["plan_time_per_env_s"]
     if pt["n"]:
         print(f"planning time per plan: median {pt['median']:.3f} s (p10 {pt['p10']:.3f}, p90 {pt['p90']:.3f}) "

@@ -194,6 +194,8 @@ class EvalSetup:
     row_columns: list[str]
     data_env: str | None = None
     notes: list[str] = field(default_factory=list)
+    pool: np.ndarray | None = None  # every qualifying start row (replacements are drawn from it)
+    goal_offset: int = 25
 
 
 def resolve_checkpoint(path) -> Path:
@@ -308,7 +310,8 @@ def check_inputs(cfg: Config, env_name: str, data, *, episodes: int, goal_offset
             and len(info.columns[c][0]) >= 1 and info.columns[c][0][0] == info.num_rows]
     return EvalSetup(cfg=cfg, checkpoint=checkpoint, env_name=env_name, data=Path(data), image_size=image_size,
                      env_kwargs={}, bounds=bounds, split=split, pool_size=int(pool.size), start_rows=starts,
-                     goal_rows=starts + goal_offset, row_columns=cols, data_env=data_env, notes=notes)
+                     goal_rows=starts + goal_offset, row_columns=cols, data_env=data_env, notes=notes, pool=pool,
+                     goal_offset=goal_offset)
 
 
 # -- the MPC loop ------------------------------------------------------------------------------------
@@ -411,11 +414,19 @@ def run_episodes(planner, setup: EvalSetup, episode_ids, start_rows: list, goal_
             bar.set_postfix_str(f"round {rnd}, solved {sum(s is not None for s in success_step)}/{E}")
     if bar is not None and t < budget:
         bar.update(budget - t)
+    # where each episode ended (at its first success, or after the budget): the latent distance the
+    # planner minimises and the env's own errors against the goal
+    final = torch.from_numpy(np.stack([env.render() for env in envs]))
+    with torch.no_grad():
+        m = planner.model
+        d = (m.encode(final) - m.encode(torch.from_numpy(np.ascontiguousarray(goal_pixels)))).pow(2).sum(-1)
+    errors = [{k: float(v) for k, v in env.goal_errors().items()} for env in envs]
     for env in envs:
         env.close()
     return {"success_step": success_step, "plan_times": plan_times, "plan_batch": plan_batch,
             "rounds": rnd, "videos": {int(episode_ids[j]): v for j, v in videos.items()},
-            "actions": [np.asarray(a, dtype=np.float32).reshape(-1, low.shape[-1]) for a in executed]}
+            "actions": [np.asarray(a, dtype=np.float32).reshape(-1, low.shape[-1]) for a in executed],
+            "final_latent_distance": d.float().cpu().tolist(), "final_errors": errors}
 
 
 def _protocol(planner, setup: EvalSetup, *, budget: int, steps_per_round: int, seed: int, num_envs: int | None,
@@ -432,6 +443,7 @@ def _protocol(planner, setup: EvalSetup, *, budget: int, steps_per_round: int, s
         from tqdm import tqdm
         bar = tqdm(total=budget * -(-n // bs), desc=desc, unit="step", dynamic_ncols=True, leave=False)
     success_step, plan_times, plan_batch, videos, rounds, actions = [], [], [], {}, 0, []
+    latent_d, errors = [], []
     try:
         for lo in range(0, n, bs):
             ids = list(range(lo, min(n, lo + bs)))
@@ -444,6 +456,8 @@ def _protocol(planner, setup: EvalSetup, *, budget: int, steps_per_round: int, s
             videos.update(r["videos"])
             actions += r["actions"]
             rounds += r["rounds"]
+            latent_d += r["final_latent_distance"]
+            errors += r["final_errors"]
     finally:
         if bar is not None:
             bar.close()
@@ -452,27 +466,32 @@ def _protocol(planner, setup: EvalSetup, *, budget: int, steps_per_round: int, s
     lo_ci, hi_ci = wilson_interval(k, n)
     steps = [s for s in success_step if s is not None]
     per_env = [t / b for t, b in zip(plan_times, plan_batch)]
+    records = [{"episode": i, "start_row": int(setup.start_rows[i]), "goal_row": int(setup.goal_rows[i]),
+                "success": succ[i], "first_success_step": success_step[i],
+                "final_latent_distance": latent_d[i], "final_state_errors": errors[i]} for i in range(n)]
     return {"success_rate": k / n, "ci95": [lo_ci, hi_ci], "successes": succ, "num_successes": k,
             "steps_to_success": success_step,
             "steps_to_success_median": float(np.median(steps)) if steps else None,
             "plan_time_s": _percentiles(plan_times), "plan_time_per_env_s": _percentiles(per_env),
             "plan_calls": len(plan_times), "envs_per_call": _percentiles([float(b) for b in plan_batch]),
-            "_videos": videos, "_actions": actions}
+            "records": records, "_videos": videos, "_actions": actions}
 
 
-def _resolve_model(model, device: str) -> tuple[Config, Any, str | None]:
-    """(config, loader, checkpoint path): the weights are only loaded after the checks."""
+def _resolve_model(model, device: str) -> tuple[Config, Any, str | None, dict]:
+    """(config, loader, checkpoint path, checkpoint metadata): the weights are only loaded after the checks."""
     if isinstance(model, torch.nn.Module):
-        return model.cfg, (lambda: model), None
+        meta = {"source": model.reference_source} if getattr(model, "reference_source", None) else {}
+        return model.cfg, (lambda: model), None, meta
     ckpt = resolve_checkpoint(model)
     cfg = read_checkpoint_config(ckpt)
+    meta = json.loads((ckpt / "config.json").read_text())
 
     def load():
         try:
             return LeWM.load(ckpt, map_location=device)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"--checkpoint {ckpt}: {e}") from None
-    return cfg, load, str(ckpt)
+    return cfg, load, str(ckpt), meta
 
 
 def resolve_device(device: str | None) -> str:
@@ -483,18 +502,105 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
+# -- what the episodes are: already solved, drawn from the checkpoint's own data ----------------------
+def solved_at_start(setup: EvalSetup, start_rows: np.ndarray, goal_rows: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """(len(start_rows),) bool: the env's success rule already holds with the start row's state and the
+    goal row's goal, before any action."""
+    env = make_env(setup.env_name, setup.image_size, **setup.env_kwargs)
+    out = np.zeros(len(start_rows), bool)
+    try:
+        for lo in range(0, len(start_rows), chunk):
+            s = _row_dicts(read_rows(setup.data, start_rows[lo:lo + chunk], setup.row_columns))
+            g = _row_dicts(read_rows(setup.data, goal_rows[lo:lo + chunk], setup.row_columns))
+            for i, (a, b) in enumerate(zip(s, g)):
+                env.reset(seed=0)
+                env.set_state_from_row(a)
+                env.set_goal_from_row(b)
+                out[lo + i] = bool(env.success())
+    finally:
+        env.close()
+    return out
+
+
+def replace_solved(setup: EvalSetup, solved: np.ndarray, seed: int) -> int:
+    """Replace (in place, keeping each episode's index) every already-solved start row of `setup` by a row
+    drawn uniformly without replacement from the rest of the pool (generator seeded with (seed, 1)) that
+    is not solved either. Returns the number of rows drawn as replacements."""
+    need = [i for i in range(len(solved)) if solved[i]]
+    if not need:
+        return 0
+    used = set(int(r) for r in setup.start_rows)
+    rest = np.array([r for r in setup.pool if int(r) not in used], np.int64)
+    order = np.random.default_rng([int(seed), 1]).permutation(rest)
+    drawn = 0
+    for lo in range(0, len(order), 256):
+        cand = order[lo:lo + 256]
+        ok = ~solved_at_start(setup, cand, cand + setup.goal_offset)
+        for r in cand[ok]:
+            if not need:
+                break
+            i = need.pop(0)
+            setup.start_rows[i], setup.goal_rows[i] = r, r + setup.goal_offset
+        drawn += len(cand)
+        if not need:
+            return drawn
+    raise UserError(f"--data {setup.data}: only {len(setup.start_rows) - len(need)} start rows of its pool "
+                    f"({setup.pool_size}) are not already solved at the start, fewer than --episodes "
+                    f"{len(setup.start_rows)}; use fewer episodes or --include-solved")
+
+
+def check_training_data(net: LeWM, meta: dict, setup: EvalSetup, allow_other_data: bool) -> str:
+    """Is --data the file the checkpoint was trained on? Compared by content: the action mean/std the
+    training stored in the checkpoint against the file's action column (and the path it recorded). With
+    --split heldout a mismatch is an error (its "held-out" episodes may be another file's training
+    episodes, or the split may not exist) unless allow_other_data; otherwise a warning. Returns the
+    finding, recorded in the results."""
+    from ..data.dataset import action_stats
+    from ..data.format import open_h5
+    src = meta.get("source") or {}
+    where = f"--checkpoint {setup.checkpoint}" if setup.checkpoint else "the model"
+    if src.get("format") == "reference" and setup.split == "heldout" and not allow_other_data:
+        raise UserError(f"{where} was converted from the reference, which trained on clips of every episode of its "
+                        "data (no episode held out): use --split train (the reference's protocol)")
+    with open_h5(setup.data) as f:
+        mean, std = action_stats(np.asarray(f["action"][()], np.float32))
+    m, s = net.action_mean.detach().cpu().numpy(), net.action_std.detach().cpu().numpy()
+    trained_on = meta.get("data")
+    if np.all(m == 0) and np.all(s == 1):
+        return "unknown: the checkpoint stores no action statistics, so its training data cannot be told"
+    if np.allclose(m, mean, rtol=1e-4, atol=1e-5) and np.allclose(s, std, rtol=1e-4, atol=1e-5):
+        return "matches: the checkpoint's action statistics are the data file's"
+    msg = (f"--data {setup.data} is not the file {where} was trained on"
+           f"{f' ({trained_on})' if trained_on else ''}: its action statistics differ (mean "
+           f"{np.round(mean, 4).tolist()} vs {np.round(m, 4).tolist()})")
+    if setup.split == "heldout" and not allow_other_data:
+        raise UserError(msg + "; its 'held-out' episodes would not be held out from anything: give the training "
+                        "file, or --allow-other-data")
+    return "differs: " + msg
+
+
+def _summary(r: dict) -> dict:
+    return {k: r[k] for k in ("success_rate", "ci95", "successes", "num_successes", "steps_to_success",
+                              "steps_to_success_median", "records")}
+
+
 def evaluate(model, env: str, data, *, planner: str = "cem", planner_kw: dict | None = None,
              episodes: int | None = None, goal_offset: int | None = None, budget: int | None = None,
              receding_horizon: int | None = None, split: str = "heldout", seed: int | None = None,
-             device: str | None = "auto", num_envs: int | None = None, random_baseline: bool = False,
+             device: str | None = "auto", num_envs: int | None = None, random_baseline: bool = True,
+             exclude_solved: bool = True, seeds: int = 1, allow_other_data: bool = False,
              videos: int = 0, progress: bool = False, log=None) -> dict:
-    """Run the evaluation protocol (module docstring). `model` is a LeWM or a checkpoint path (a
-    checkpoint folder or a training run folder). Defaults (episodes, goal_offset, budget,
-    receding_horizon, seed) come from the model's PlanConfig. Returns the results dict (see
-    `lewm eval --help`); results["_videos"] holds {episode: [frames]} for the first `videos`
-    episodes (removed by `save_results`)."""
+    """Run the evaluation protocol (module docstring; docs/evaluation.md). `model` is a LeWM or a
+    checkpoint path (a checkpoint folder or a training run folder). Defaults (episodes, goal_offset,
+    budget, receding_horizon, seed) come from the model's PlanConfig.
+
+    exclude_solved: start/goal pairs already solved before any action are replaced by unsolved ones
+    (their count is reported either way). seeds: the protocol is repeated with planner seeds seed,
+    seed+1, ... on the same episodes. random_baseline: the random policy on the same episodes, per seed.
+    Returns the results dict; results["_videos"] holds {episode: [frames]} for the first `videos`
+    episodes of the first seed (removed by `save_results`)."""
     device = resolve_device(device)
-    cfg, load, ckpt = _resolve_model(model, device)
+    cfg, load, ckpt, meta = _resolve_model(model, device)
     p = cfg.plan
     episodes = p.episodes if episodes is None else episodes
     goal_offset = p.goal_offset if goal_offset is None else goal_offset
@@ -505,46 +611,84 @@ def evaluate(model, env: str, data, *, planner: str = "cem", planner_kw: dict | 
         raise UserError(f"unknown planner '{planner}' (known: {', '.join(PLANNERS)})")
     if not isinstance(receding, int) or receding <= 0:
         raise UserError(f"--receding-horizon must be a positive integer, got {receding!r}")
+    if not isinstance(seeds, int) or seeds <= 0:
+        raise UserError(f"--seeds must be a positive integer, got {seeds!r}")
     horizon = (planner_kw or {}).get("horizon") or p.horizon
     if receding > horizon:
         raise UserError(f"--receding-horizon {receding} exceeds the planning horizon ({horizon} macro steps)")
     setup = check_inputs(cfg, env, data, episodes=episodes, goal_offset=goal_offset, budget=budget,
                          split=split, seed=seed, checkpoint=ckpt)
+    net = load()
+    net = net.to(device).eval()
+    data_check = check_training_data(net, meta, setup, allow_other_data)
+    if data_check.startswith("differs"):
+        setup.notes.append("warning: " + data_check[len("differs: "):])
+    drawn_rows = setup.start_rows.copy()
+    solved = solved_at_start(setup, setup.start_rows, setup.goal_rows)
+    replacements = replace_solved(setup, solved, seed) if exclude_solved else 0
     if log:
         for note in setup.notes:
             log(f"note: {note}")
-    net = load()
-    net = net.to(device).eval()
     kw = dict(planner_kw or {})
-    pl = make_planner(planner, net, **kw)
-    if planner == "random":
-        pl.low, pl.high = torch.from_numpy(setup.bounds[0]), torch.from_numpy(setup.bounds[1])
     steps_per_round = receding * net.mcfg.frameskip
     record = set(range(min(int(videos), episodes)))
+    planner_seeds = [int(seed) + k for k in range(seeds)]
+    runs, randoms, pl = [], [], None
     t0 = time.perf_counter()
-    main = _protocol(pl, setup, budget=budget, steps_per_round=steps_per_round, seed=seed, num_envs=num_envs,
-                     stream=0, record=record, progress=progress, desc=f"eval {env} {planner}")
+    for k, s in enumerate(planner_seeds):
+        pl = make_planner(planner, net, **dict(kw, seed=s))
+        if planner == "random":
+            pl.low, pl.high = torch.from_numpy(setup.bounds[0]), torch.from_numpy(setup.bounds[1])
+        runs.append(_protocol(pl, setup, budget=budget, steps_per_round=steps_per_round, seed=s, num_envs=num_envs,
+                              stream=0, record=record if k == 0 else (), progress=progress,
+                              desc=f"eval {env} {planner}" + (f" seed {s}" if seeds > 1 else "")))
+        if random_baseline and planner != "random":
+            rp = RandomPlanner.from_config(net, low=setup.bounds[0], high=setup.bounds[1], seed=s)
+            rb = _protocol(rp, setup, budget=budget, steps_per_round=steps_per_round, seed=s, num_envs=num_envs,
+                           stream=1, record=(), progress=progress, desc=f"eval {env} random")
+            rb.pop("_videos")
+            randoms.append(rb)
     wall = time.perf_counter() - t0
+    main = runs[0]
     results = {"env": env, "planner": planner, "episodes": episodes, **main, "wall_time_s": wall,
                "start_rows": setup.start_rows.tolist(), "goal_rows": setup.goal_rows.tolist()}
-    if random_baseline and planner != "random":
-        rp = RandomPlanner.from_config(net, low=setup.bounds[0], high=setup.bounds[1])
-        rb = _protocol(rp, setup, budget=budget, steps_per_round=steps_per_round, seed=seed, num_envs=num_envs,
-                       stream=1, record=(), progress=progress, desc=f"eval {env} random")
-        rb.pop("_videos")
-        results["random_baseline"] = {k: rb[k] for k in ("success_rate", "ci95", "successes", "num_successes",
-                                                          "steps_to_success", "steps_to_success_median")}
+    results["already_solved"] = {
+        "count": int(solved.sum()), "of": int(len(solved)), "excluded": bool(exclude_solved),
+        "rows": drawn_rows[solved].tolist(), "rows_checked_for_replacements": int(replacements),
+        "rule": "the env's success rule holds for the start row's state and the goal row's goal, before any action"}
+    if randoms:
+        results["random_baseline"] = _summary(randoms[0])
+    n = len(setup.start_rows)
+
+    def pooled(rs):
+        rates = [r["success_rate"] for r in rs]
+        k_all = sum(r["num_successes"] for r in rs)
+        return {"mean": float(np.mean(rates)), "std": float(np.std(rates, ddof=1)) if len(rates) > 1 else 0.0,
+                "pooled_successes": int(k_all), "pooled_trials": n * len(rs),
+                "pooled_ci95": list(wilson_interval(k_all, n * len(rs)))}
+    results["seeds"] = {
+        "planner_seeds": planner_seeds,
+        "per_seed": [{"seed": s, **_summary(r), **({"random_success_rate": rb["success_rate"],
+                                                      "random_records": rb["records"]} if randoms else {})}
+                     for s, r, rb in zip(planner_seeds, runs, randoms or [None] * len(runs))],
+        **pooled(runs),
+        **({"random": pooled(randoms)} if randoms else {}),
+        "note": "the same episodes for every seed; only the planner's (and the random policy's) draws change"}
     pk = {k: getattr(pl, k) for k in ("samples", "elites", "iterations", "horizon", "var_scale", "seed",
                                       "temperature", "lr", "weight_decay") if hasattr(pl, k)}
+    pk["seed"] = planner_seeds[0]
     results["config"] = {
         "checkpoint": ckpt, "data": str(setup.data), "data_env": setup.data_env, "split": split,
         "pool_rows": setup.pool_size, "episodes": episodes, "goal_offset": goal_offset, "budget": budget,
         "receding_horizon": receding, "frameskip": net.mcfg.frameskip, "steps_per_plan": steps_per_round,
-        "seed": seed, "device": device, "num_envs": num_envs or episodes, "planner": planner, "planner_kw": pk,
+        "seed": seed, "seeds": seeds, "exclude_solved": bool(exclude_solved), "device": device,
+        "num_envs": num_envs or episodes, "planner": planner, "planner_kw": pk,
         "data_image_size": setup.image_size, "model_image_size": net.mcfg.image_size,
         "action_low": setup.bounds[0].tolist(), "action_high": setup.bounds[1].tolist(),
-        "torch": torch.__version__, "notes": setup.notes,
+        "torch": torch.__version__, "notes": setup.notes, "training_data": data_check,
+        "trained_on": meta.get("data"), "checkpoint_source": (meta.get("source") or {}).get("format", "lewm"),
         "success_masking": "episodes stop and leave the planning batch once solved",
+        "random_streams": "one generator per (seed, episode, round, stream): results do not depend on num_envs",
     }
     return results
 
