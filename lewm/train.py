@@ -79,8 +79,9 @@ _FAULT_HITS: dict = {}
 
 # -- the schedule ------------------------------------------------------------------------------------
 def lr_at(step: int, total: int, base_lr: float, warmup_frac: float) -> float:
-    """Linear warm-up from 0 over `warmup_frac` of the steps, then cosine to 0 at `total`."""
-    warm = max(1, int(round(warmup_frac * total)))
+    """Linear warm-up from 0 over int(warmup_frac * total) steps (at least 1; the reference's
+    LinearWarmupCosineAnnealingLR default), then cosine to 0 at `total`."""
+    warm = max(1, int(warmup_frac * total))
     if step < warm:
         return base_lr * step / warm
     p = min(1.0, (step - warm) / max(1, total - warm))

@@ -299,3 +299,27 @@ def test_cube_oracle_places_the_cube(cube):
         if cube.success():
             break
     assert cube.success(), "the oracle did not place the cube within 150 steps"
+
+
+def test_tworoom_renders_as_the_reference_at_any_size():
+    """Default: the 224 px canvas resized with PIL's bilinear filter (the reference's AddPixels), so 64 px
+    frames have grey antialiased walls; render="direct" draws at the size (crisp walls); equal at 224."""
+    from PIL import Image
+
+    from lewm.envs import make
+    ref, direct = make("tworoom", image_size=64), make("tworoom", image_size=64, render="direct")
+    for e in (ref, direct):
+        e.reset(seed=3)
+    big = make("tworoom", image_size=224)
+    big.reset(seed=3)
+    want = np.asarray(Image.fromarray(big.render()).resize((64, 64), Image.BILINEAR))
+    assert np.array_equal(ref.render(), want) and np.array_equal(ref.goal_pixels(), np.asarray(
+        Image.fromarray(big.goal_pixels()).resize((64, 64), Image.BILINEAR)))
+    diff = np.abs(ref.render().astype(int) - direct.render()).max(-1)
+    assert (diff > 16).mean() > 0.05  # the two renderings are not the same data
+    assert len(np.unique(ref.render())) > len(np.unique(direct.render()))  # grey levels from the resize
+    d224 = make("tworoom", image_size=224, render="direct")
+    d224.reset(seed=3)
+    assert np.array_equal(d224.render(), big.render())
+    with pytest.raises(ValueError, match="render must be one of reference, direct"):
+        make("tworoom", render="crisp")

@@ -145,3 +145,16 @@ def test_bad_model_inputs():
         model.predict(torch.zeros(2, 3, 32), torch.zeros(2, 3, 7))
     with pytest.raises(ValueError, match="model.history"):
         model.predictor(torch.zeros(2, 4, 32), torch.zeros(2, 4, 32))
+
+
+def test_encoder_initialised_as_hf_vit():
+    """HF's ViT init (the reference's encoder): trunc-normal std 0.02 for the CLS token, the position
+    embeddings, the patch-embedding conv and every Linear, zero biases, unit LayerNorms (timm alone
+    gives the CLS token std 1e-6 and the conv PyTorch's default init)."""
+    torch.manual_seed(0)
+    vit = lewm.LeWM(lewm.preset("pusht")).encoder.vit
+    for t in (vit.cls_token, vit.pos_embed, vit.patch_embed.proj.weight, vit.blocks[3].attn.qkv.weight,
+              vit.blocks[11].mlp.fc2.weight):
+        assert 0.017 < t.std().item() < 0.023 and t.abs().max() <= 2.0
+    assert vit.patch_embed.proj.bias.abs().max() == 0 and vit.blocks[0].attn.qkv.bias.abs().max() == 0
+    assert (vit.blocks[5].norm1.weight == 1).all() and (vit.norm.bias == 0).all()

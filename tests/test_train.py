@@ -42,6 +42,9 @@ def test_schedule_warmup_then_cosine_to_zero():
     assert lr_at(10, total, lr, 0.01) == pytest.approx(lr)
     assert lr_at(505, total, lr, 0.01) == pytest.approx(lr / 2, rel=1e-3)
     assert lr_at(1000, total, lr, 0.01) == pytest.approx(0.0, abs=1e-12)
+    # the reference's warm-up length is int(0.01 N) (at least 1), not round(): 350 steps warm up for 3
+    assert lr_at(3, 350, lr, 0.01) == pytest.approx(lr) and lr_at(2, 350, lr, 0.01) < lr
+    assert lr_at(1, 50, lr, 0.01) == pytest.approx(lr)  # int(0.5) = 0 -> 1 step
 
 
 @pytest.mark.slow

@@ -21,8 +21,10 @@ Sampling at reset: agent and target uniform in [14,209]^2; the agent is resample
 until it lies in the other room and outside the wall zone, and `min_steps=k` until the path
 agent -> door centre -> target takes at least k steps (the reference's Feb-2026 collector).
 
-Rendering happens at the requested size directly: pixel j samples canvas coordinate
-(j + 0.5) * 224 / S - 0.5 (so S = 224 is the reference's grid exactly).
+Rendering (`render="reference"`, the default) is the reference's: the 224 px canvas, then resized
+to the requested size with PIL's bilinear filter (its AddPixels wrapper), so a 64 px data set is the
+reference's 64 px data set (grey, antialiased walls). `render="direct"` draws at the requested size
+instead (pixel j samples canvas coordinate (j + 0.5) * 224 / S - 0.5: crisp walls; the same at 224).
 
 Row columns (float64, canvas pixels): `proprio` = agent (x, y); `state` = agent (x, y), target
 (x, y). `set_state_from_row` restores agent and target, `set_goal_from_row` makes the row's agent
@@ -96,6 +98,18 @@ def draw(agent_xy, size: int) -> np.ndarray:
     return img
 
 
+def draw_reference(agent_xy, size: int) -> np.ndarray:
+    """The reference's frame: drawn on the 224 px canvas, resized with PIL's bilinear filter."""
+    img = draw(agent_xy, CANVAS)
+    if size == CANVAS:
+        return img
+    from PIL import Image
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+
+
+RENDER_MODES = {"reference": draw_reference, "direct": draw}
+
+
 def in_door(y: float) -> bool:
     return DOOR_CENTER - DOOR_HALF - DOOR_TOL <= y <= DOOR_CENTER + DOOR_HALF + DOOR_TOL
 
@@ -138,8 +152,13 @@ class TwoRoomEnv(Env):
     packages = ("numpy",)  # versions recorded in collected files
     action_doc = "a in [-1,1]^2: agent displacement / 5 px per step (canvas 224 px)"
 
-    def __init__(self, image_size: int = 224, target_other_room: bool = False, min_steps: int = 0):
+    def __init__(self, image_size: int = 224, target_other_room: bool = False, min_steps: int = 0,
+                 render: str = "reference"):
         super().__init__(image_size)
+        if render not in RENDER_MODES:
+            raise ValueError(f"tworoom: render must be one of {', '.join(RENDER_MODES)}, got {render!r}")
+        self.render_mode = render
+        self._draw = RENDER_MODES[render]
         self.target_other_room = bool(target_other_room)
         self.min_steps = int(min_steps)
         self.agent = np.array([56.0, 112.0])
@@ -174,10 +193,10 @@ class TwoRoomEnv(Env):
         return self._obs(render)
 
     def render(self, size: int | None = None) -> np.ndarray:
-        return draw(self.agent, int(size or self.image_size))
+        return self._draw(self.agent, int(size or self.image_size))
 
     def goal_pixels(self, size: int | None = None) -> np.ndarray:
-        return draw(self.target, int(size or self.image_size))
+        return self._draw(self.target, int(size or self.image_size))
 
     def row(self) -> dict:
         return {"proprio": self.agent.copy(), "state": np.concatenate([self.agent, self.target])}

@@ -37,9 +37,29 @@ class MLPProjector(nn.Module):
         return x.reshape(*shape[:-1], x.shape[-1])
 
 
+def hf_vit_init(vit: nn.Module, std: float = 0.02) -> nn.Module:
+    """Initialise a timm ViT as Hugging Face's ViTModel initialises the reference's encoder
+    (ViTPreTrainedModel._init_weights, initializer_range 0.02): every Linear and the patch-embedding
+    Conv2d truncated-normal (std 0.02, cut at +-2 absolute) with zero bias, LayerNorms weight 1 and
+    bias 0, the CLS token and the position embeddings truncated-normal std 0.02. (timm's own init
+    gives the CLS token std 1e-6 and the patch embedding PyTorch's default Conv2d init.)"""
+    with torch.no_grad():
+        for m in vit.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, mean=0.0, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(vit.pos_embed, mean=0.0, std=std)
+        nn.init.trunc_normal_(vit.cls_token, mean=0.0, std=std)
+    return vit
+
+
 def build_vit(cfg: ModelConfig) -> nn.Module:
     """A timm VisionTransformer with the reference's shape: pre-LN blocks, qkv bias, CLS token,
-    learned positional embedding, final LayerNorm, no head."""
+    learned positional embedding, final LayerNorm, no head; initialised as HF's ViT (hf_vit_init)."""
     from timm.models.vision_transformer import VisionTransformer
 
     if cfg.image_size % cfg.patch_size != 0:
@@ -47,7 +67,7 @@ def build_vit(cfg: ModelConfig) -> nn.Module:
             f"model.image_size ({cfg.image_size}) must be a multiple of model.patch_size ({cfg.patch_size})")
     if cfg.enc_width % cfg.enc_heads != 0:
         raise ValueError(f"model.enc_width ({cfg.enc_width}) must be divisible by model.enc_heads ({cfg.enc_heads})")
-    return VisionTransformer(
+    vit = VisionTransformer(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
         in_chans=3,
@@ -61,6 +81,7 @@ def build_vit(cfg: ModelConfig) -> nn.Module:
         class_token=True,
         norm_layer=partial(nn.LayerNorm, eps=cfg.enc_ln_eps),
     )
+    return hf_vit_init(vit)
 
 
 class Encoder(nn.Module):

@@ -306,10 +306,16 @@ def check_inputs(cfg: Config, env_name: str, data, *, episodes: int, goal_offset
     notes = []
     if image_size != m.image_size:
         notes.append(f"data frames are {image_size} px, the model's {m.image_size} px: encode resizes them")
+    env_kwargs = {}  # how the data's frames were rendered (tworoom: render=reference|direct): render alike
+    try:
+        ek = json.loads(info.attrs.get("env_kwargs") or "{}")
+        env_kwargs = {k: ek[k] for k in ("render",) if k in ek}
+    except (TypeError, ValueError):
+        pass
     cols = [c for c in info.columns if c not in ("pixels", "ep_len", "ep_offset")
             and len(info.columns[c][0]) >= 1 and info.columns[c][0][0] == info.num_rows]
     return EvalSetup(cfg=cfg, checkpoint=checkpoint, env_name=env_name, data=Path(data), image_size=image_size,
-                     env_kwargs={}, bounds=bounds, split=split, pool_size=int(pool.size), start_rows=starts,
+                     env_kwargs=env_kwargs, bounds=bounds, split=split, pool_size=int(pool.size), start_rows=starts,
                      goal_rows=starts + goal_offset, row_columns=cols, data_env=data_env, notes=notes, pool=pool,
                      goal_offset=goal_offset)
 
