@@ -323,3 +323,19 @@ def test_tworoom_renders_as_the_reference_at_any_size():
     assert np.array_equal(d224.render(), big.render())
     with pytest.raises(ValueError, match="render must be one of reference, direct"):
         make("tworoom", render="crisp")
+
+
+def test_tworoom_reference_frames_equal_resizing_the_whole_canvas():
+    """draw_reference re-resizes only the rows the agent can change (exact only for shrinks that are
+    dyadic fractions; other sizes take the whole resize): pixel for pixel the whole canvas resized,
+    at every agent position tried, the borders and off-canvas positions included."""
+    from PIL import Image
+
+    from lewm.envs import tworoom as T
+    rng = np.random.default_rng(0)
+    edges = np.array([-9.0, 0.0, 3.0, 7.0, 13.5, 110.0, 210.0, 217.0, 224.0, 233.0])
+    for size in (32, 64, 28, 96, 112, 7):
+        for k in range(60):
+            xy = rng.uniform(-30, 254, 2) if k % 2 else rng.choice(edges, 2) + rng.uniform(-1.5, 1.5, 2)
+            want = np.asarray(Image.fromarray(T.draw(xy, T.CANVAS)).resize((size, size), Image.BILINEAR))
+            assert np.array_equal(T.draw_reference(xy, size), want), (size, xy)

@@ -76,6 +76,23 @@ def _background(size: int) -> tuple[np.ndarray, np.ndarray]:
     return _BG_CACHE[size]
 
 
+def _blob_window(agent_xy, size: int):
+    """(gx, gy, m, (x0, x1, y0, y1)): the agent's separable Gaussian along each axis at `size` px and
+    the pixel window outside which it changes no rounded uint8 value (None: it changes nothing)."""
+    _, u = _background(size)
+    two_r2 = 2.0 * RADIUS * RADIUS
+    gx = np.exp(-((u - agent_xy[0]) ** 2) / two_r2)
+    gy = np.exp(-((u - agent_xy[1]) ** 2) / two_r2)
+    m = gx.max() * gy.max()
+    if m <= 0:
+        return gx, gy, m, None
+    xs = np.nonzero(gx / gx.max() > 1e-3)[0]
+    ys = np.nonzero(gy / gy.max() > 1e-3)[0]
+    if xs.size == 0 or ys.size == 0:
+        return gx, gy, m, None
+    return gx, gy, m, (xs[0], xs[-1] + 1, ys[0], ys[-1] + 1)
+
+
 def draw(agent_xy, size: int) -> np.ndarray:
     """The TwoRoom frame with the agent at `agent_xy` (canvas coordinates), at `size` px."""
     bg, u = _background(size)
@@ -98,13 +115,60 @@ def draw(agent_xy, size: int) -> np.ndarray:
     return img
 
 
-def draw_reference(agent_xy, size: int) -> np.ndarray:
-    """The reference's frame: drawn on the 224 px canvas, resized with PIL's bilinear filter."""
-    img = draw(agent_xy, CANVAS)
-    if size == CANVAS:
-        return img
+def _resize(img: np.ndarray, out_wh, box=None) -> np.ndarray:
     from PIL import Image
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(img).resize(out_wh, Image.BILINEAR, box=box))
+
+
+_REF_BG: dict[int, np.ndarray] = {}
+
+
+def _dyadic(x: float) -> bool:
+    return float(x * 2 ** 16).is_integer()
+
+
+def draw_reference(agent_xy, size: int) -> np.ndarray:
+    """The reference's frame: drawn on the 224 px canvas, resized with PIL's bilinear filter.
+
+    Computed as the reference computes it, but only where the agent can change it (when the shrink
+    224 / size is a dyadic fraction, so that every sample position below is exact in floating
+    point): the resized empty canvas is cached per size; only the output rows whose filter support
+    (PIL's bilinear support, one input pixel per output pixel of shrink on each side) reaches the
+    agent's rows are resized again, from a band of canvas rows wide enough that PIL clips the support
+    only where it clips it on the whole canvas, with PIL's own `box` on the output grid (the same
+    sample centres and coefficients, shifted by whole rows; a box that crops columns is not exact in
+    PIL, measured). Equal to resizing the whole frame (tests/test_envs.py checks it pixel for pixel);
+    other sizes resize the whole frame."""
+    if size == CANVAS:
+        return draw(agent_xy, CANVAS)
+    s = CANVAS / size
+    if not _dyadic(s):
+        return _resize(draw(agent_xy, CANVAS), (size, size))
+    if size not in _REF_BG:
+        bg = _resize(_background(CANVAS)[0].copy(), (size, size))
+        bg.setflags(write=False)
+        _REF_BG[size] = bg
+    out = _REF_BG[size].copy()
+    gx, gy, m, win = _blob_window(agent_xy, CANVAS)
+    if win is None:
+        return out
+    x0, x1, y0, y1 = win
+    sup = max(s, 1.0) + 2.0  # the filter's half-width in canvas pixels, and a margin
+
+    def spans(a0, a1):  # output pixels reached, and the canvas crop their samples need
+        j0 = max(int(np.floor((a0 - sup) / s)), 0)
+        j1 = min(int(np.ceil((a1 + sup) / s)), size)
+        c0 = max(int(np.floor(j0 * s - 2 * sup)), 0)  # (PIL needs more than the support: measured)
+        c1 = min(int(np.ceil(j1 * s + 2 * sup)), CANVAS)
+        return j0, j1, c0, c1
+
+    i0, i1, cy0, cy1 = spans(y0, y1)  # (whole rows: PIL's box is exact for a crop of rows, not of columns)
+    crop = _background(CANVAS)[0][cy0:cy1].copy()
+    a = (np.outer(gy[y0:y1], gx[x0:x1]) / m).astype(np.float32)[..., None]
+    patch = crop[y0 - cy0:y1 - cy0, x0:x1].astype(np.float32)
+    crop[y0 - cy0:y1 - cy0, x0:x1] = np.rint(patch * (1.0 - a) + RED * a).astype(np.uint8)
+    out[i0:i1] = _resize(crop, (size, i1 - i0), box=(0, i0 * s - cy0, CANVAS, i1 * s - cy0))
+    return out
 
 
 RENDER_MODES = {"reference": draw_reference, "direct": draw}
