@@ -25,10 +25,12 @@ Per Triton launch (cost dict keys "flops", "hbm_bytes", "l2_bytes", optional "ph
               profiles/kernels_sm90.csv holds for that kernel and dtype (--mma report), or from the
               dtypes (--mma dtype: a launch with bf16/fp16 tensors = HMMA class)
     phases  = a persistent kernel: per phase, an item takes tau = max(flops / (peak / SMs),
-              l2_bytes / a SM's L2 rate with min(items, ctas) SMs reading) (a split-K phase's "reduce_bytes", the reads of the item that
-              reduces the partial sums, spread over its "split" items); the phase takes
-              max(ceil(items / ctas) x tau, serial x (tau + SYNC)); t_work = max(sum of phases,
-              hbm_bytes / HBM)
+              l2_bytes / a SM's L2 rate with min(items, ctas) SMs reading, trips x LAT) ("trips":
+              the item's chain of dependent L2 round trips); the phase takes
+              ceil(items / min(ctas, SMs)) x tau + SYNC + max(tail_bytes / SM_L2, tail_trips x LAT)
+              (one resident CTA per SM: the rollout kernel's registers allow no more; the tail:
+              what the phase's last item does alone once every item of its row block arrived, e.g.
+              the fused epilogue of a split GEMM); t_work = max(sum of phases, hbm_bytes / HBM)
     t       = GAP + t_work                     (one CUDA-graph kernel node)
 
 Per aten op of the fast planner (inside its CUDA graph): GAP + max(flops / rate, bytes / HBM) for an
@@ -46,7 +48,9 @@ an 8192^3 GEMM; the H100 SXM has the same tensor cores); fp32 FMA 60 TFLOP/s; HB
 (the upper end of the 1.5-2 us seen for back-to-back small kernels in a CUDA graph on Hopper: the
 launch, the ramp and the tail of a short kernel; the table gives 1.5 us beside it), HMMA_FRACTION
 0.5 (mma.sync reaches about half the wgmma rate on Hopper: FlashAttention-2 vs -3), SYNC 1.0 us
-(an inter-CTA hand-off through global memory: an L2 round trip for the flag and the data), SM_L2
+(an inter-CTA hand-off through global memory: an L2 round trip for the flag and the data), LAT 0.3 us
+(one dependent L2 round trip of a load: an L2 hit is ~260-480 cycles at 1.75 GHz, plus its issue and
+use; a chain of loads that each wait for the last is latency-bound whatever the bandwidth), SM_L2
 100 GB/s (one SM's L2 -> SM bandwidth when the aggregate is not the limit: about 50 bytes per clock).
 """
 from __future__ import annotations
@@ -71,6 +75,7 @@ import launches as L  # noqa: E402
 GAP_US = 2.0
 GAP_LOW_US = 1.5
 SYNC_US = 1.0
+LAT_US = 0.3
 HMMA_FRACTION = 0.5
 HOST_US = (8.0, 12.0)
 SM_L2 = 100e9  # one SM's L2 -> SM bandwidth when the aggregate is not the limit (~50 B per clock)
@@ -155,13 +160,7 @@ def launch_time_us(rec, dev: dict, mma: str) -> float:
     hbm_t = c.get("hbm_bytes", 0) / dev["hbm"]
     phases = c.get("phases")
     if phases:
-        total = 0.0
-        for p in phases:
-            items = max(int(p.get("items", 1)), 1)
-            l2_item = p.get("l2_bytes", 0) + p.get("reduce_bytes", 0) / max(int(p.get("split", 1)), 1)
-            tau = max(p.get("flops", 0) / (peak / sms), l2_item / _sm_l2(dev, min(items, ctas)))
-            serial = int(p.get("serial", 0))
-            total += max(math.ceil(items / ctas) * tau, serial * (tau + SYNC_US * 1e-6))
+        total = sum(_phase_us(p, dev, peak, ctas) for p in phases) * 1e-6
         return max(total, hbm_t) * 1e6
     t = max(c.get("flops", 0) / peak, hbm_t) * _fill(ctas, sms)
     waves = math.ceil(ctas / sms)
@@ -175,18 +174,22 @@ def _sm_l2(dev: dict, active: int) -> float:
     return min(SM_L2, dev["l2"] / max(int(active), 1))
 
 
+def _phase_us(p: dict, dev: dict, peak: float, ctas: int) -> float:
+    """One phase of a persistent launch (see the module docstring), microseconds."""
+    items = max(int(p.get("items", 1)), 1)
+    slots = min(ctas, dev["sms"])  # one resident CTA per SM (the rollout kernel's 255 registers x 8 warps)
+    tau = max(p.get("flops", 0) / (peak / dev["sms"]), p.get("l2_bytes", 0) / _sm_l2(dev, min(items, slots)),
+              p.get("trips", 0) * LAT_US * 1e-6)
+    tail = max(p.get("tail_bytes", 0) / SM_L2, p.get("tail_trips", 0) * LAT_US * 1e-6)
+    return (math.ceil(items / slots) * tau + SYNC_US * 1e-6 + tail) * 1e6
+
+
 def phase_breakdown(rec, dev: dict, mma: str) -> list:
-    """[(phase name, items, tau us, phase us)] of one persistent launch (see launch_time_us)."""
+    """[(phase name, items, phase us)] of one persistent launch (see launch_time_us)."""
     c = rec.cost or {}
-    peak, sms, ctas = peak_for(mma, dev), dev["sms"], max(rec.ctas, 1)
-    out = []
-    for p in c.get("phases") or []:
-        items = max(int(p.get("items", 1)), 1)
-        l2_item = p.get("l2_bytes", 0) + p.get("reduce_bytes", 0) / max(int(p.get("split", 1)), 1)
-        tau = max(p.get("flops", 0) / (peak / sms), l2_item / _sm_l2(dev, min(items, ctas)))
-        t = max(math.ceil(items / ctas) * tau, int(p.get("serial", 0)) * (tau + SYNC_US * 1e-6))
-        out.append((p.get("name", "?"), items, tau * 1e6, t * 1e6))
-    return out
+    peak, ctas = peak_for(mma, dev), max(rec.ctas, 1)
+    return [(p.get("name", "?"), max(int(p.get("items", 1)), 1), _phase_us(p, dev, peak, ctas))
+            for p in c.get("phases") or []]
 
 
 def op_time_us(op, dev: dict) -> float:
@@ -454,8 +457,9 @@ def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None) ->
         for lr in per_iter:
             mma, _ = mma_of(lr, mma_mode, cache)
             if (lr.cost or {}).get("phases"):
-                for name, items, tau, t in phase_breakdown(lr, dev, mma):
-                    g = groups.setdefault(f"{lr.name}: {name.split()[0]}", [0, 0.0, 0])
+                for name, items, t in phase_breakdown(lr, dev, mma):
+                    kind = " ".join(name.split()[:2 if name.startswith("reduce") else 1])
+                    g = groups.setdefault(f"{lr.name}: {kind}", [0, 0.0, 0])
                     g[0] += 1
                     g[1] += t
                     g[2] += items

@@ -39,21 +39,29 @@ Two implementations of the same fused computation live here:
     MOD   per (row block, action, column block): the adaLN table of every layer, (N, H, L*6*D),
           with 1 + scale stored; its last item builds the first step's input rows
     then per rollout step, per layer:
-    ATT   per (row block, head group): q, k, v of the new tokens into the cache, causal attention of
-          the query tokens (online softmax over <= W keys), the out projection of those heads
+    ATT   per (row block, head group): q, k, v of the new tokens into the cache (bf16: one tile per
+          head), causal attention of the query tokens (online softmax over <= W keys, once per
+          head), the out projection of those heads
     MLP   per (row block, hidden block): fc1 + bias -> GELU -> fc2 of that hidden block; the hidden
           tile never leaves registers
     and per step:
     HEAD  per (row block, hidden block): pred_proj (eval BatchNorm folded into fc1) the same way; its
-          last item writes z[i+1] (and the cost on the last step) and builds the next step's input
+          epilogue writes z[i+1] (and the cost on the last step) and builds the next step's input
+    RED   per (row block, a few rows): the epilogue of the phase before it (see below)
 
-  A GEMM split over head groups or hidden blocks writes fp32 partial sums; the LAST item of a
-  (phase, row block) to finish (an atomic arrival count) adds them in a fixed order, so results are
-  deterministic, and applies the epilogue once per row: the gated residual, then the next GEMM's
-  input LN(no affine) -> modulate -> LN(affine) (or the final LayerNorm), stored in the weights'
-  dtype. Every LayerNorm runs in column chunks (no full row is held in registers). Splits are only
-  used where row blocks are too few to fill the SMs (1 env: 300 candidates); at 50 envs there are
-  enough row blocks and nothing is split (`rollout_config`).
+  A GEMM split over head groups or hidden blocks writes fp32 partial sums, added in a fixed order
+  (deterministic results), then the epilogue runs once per row: the gated residual, then the next
+  GEMM's input LN(no affine) -> modulate -> LN(affine) (or the final LayerNorm), stored in the
+  weights' dtype. Two ways, by `RolloutConfig.red_rows`:
+    0     the LAST item of a (phase, row block) to finish (an atomic arrival count) runs it for all
+          BM rows, every LayerNorm in column chunks (no full row held in registers): fp32's way;
+    > 0   a RED phase of its own follows each phase: items of red_rows (candidate, token) rows each,
+          a row held whole in registers, the partial sums of several splits loaded at once. On one
+          SM the fused epilogue is a chain of ~(splits + 6) dependent L2 round trips per column chunk
+          and token, alone while the other SMs wait; RED items take a few each, side by side
+          (bf16's way; bench/gpu_model.py models both). Splits are only used where row blocks are
+          too few to fill the SMs (1 env: 300 candidates); at 50 envs nothing is split
+          (`rollout_config`).
 
   Launch: persistent (the GPU default): a grid of one program per SM takes items in ticket order
   from an atomic counter; an item first waits (spinning on an acquire load) until its row block's
@@ -428,12 +436,14 @@ def _check_inputs(w: RolloutWeights, z0, actions, goal, need_kernel_device: bool
 # ----------------------------------------------------------------------------------------------------
 
 # Work-item kinds (column 0 of the phase table).
-_ACT, _MOD, _ATT, _MLP, _HEAD = 0, 1, 2, 3, 4
-_PHASE_NAMES = {_ACT: "action-encoder", _MOD: "modulation", _ATT: "attention", _MLP: "mlp", _HEAD: "pred_proj"}
+_ACT, _MOD, _ATT, _MLP, _HEAD, _RED = 0, 1, 2, 3, 4, 5
+_PHASE_NAMES = {_ACT: "action-encoder", _MOD: "modulation", _ATT: "attention", _MLP: "mlp", _HEAD: "pred_proj",
+                _RED: "reduce"}
 _PT_COLS = 16  # ints per phase-table row
 
 # Phase-table columns.
-_C_TYPE, _C_START, _C_ITEMS, _C_SPLIT, _C_I, _C_LO, _C_P0, _C_T, _C_Q0, _C_L, _C_LAST, _C_NLO, _C_NP0, _C_NT = range(14)
+_C_TYPE, _C_START, _C_ITEMS, _C_SPLIT, _C_I, _C_LO, _C_P0, _C_T, _C_Q0, _C_L, _C_LAST, _C_NLO, _C_NP0, _C_NT, \
+    _C_AUX, _C_GSPLIT = range(16)  # AUX: a GEMM/MOD phase's 'RED follows' flag, a RED phase's GEMM kind
 
 
 @triton.jit
@@ -632,6 +642,112 @@ def _prep_step(n64, nmask, nlo, np0, nT, x_ptr, h_ptr, z_ptr, mod_ptr, part_ptr,
 
 
 @triton.jit
+def _ln_rows(v, m2, D, eps):
+    """LayerNorm without affine of register-resident rows v (R, BD) (padded columns masked by m2, kept
+    0): two-pass (centred) statistics, as F.layer_norm."""
+    mean = tl.sum(tl.where(m2, v, 0.0), axis=1) / D
+    vc = tl.where(m2, v - mean[:, None], 0.0)
+    var = tl.sum(vc * vc, axis=1) / D
+    return vc * (1.0 / tl.sqrt(var + eps))[:, None]
+
+
+@triton.jit
+def _input_rows(xv, m2, d, dmask, mrow, lnw_ptr, lnb_ptr, hrow, D, eps_mod, eps_ln, MODULATE: tl.constexpr):
+    """The next GEMM's input rows from register-resident residual rows xv (R, BD): h =
+    LN_affine(LN(x) * (1 + scale) + shift) (MODULATE; mrow (R,) points at each row's shift, scale)
+    or LN_affine(x), stored at hrow (R,) in h's dtype."""
+    if MODULATE:
+        shift = tl.load(mrow[:, None] + d[None, :], mask=m2, other=0.0, cache_modifier=".cg")
+        scale = tl.load(mrow[:, None] + D + d[None, :], mask=m2, other=0.0, cache_modifier=".cg")
+        xv = tl.where(m2, _ln_rows(xv, m2, D, eps_mod) * scale + shift, 0.0)
+    g = tl.load(lnw_ptr + d, mask=dmask, other=0.0)
+    b = tl.load(lnb_ptr + d, mask=dmask, other=0.0)
+    h = _ln_rows(xv, m2, D, eps_ln) * g[None, :] + b[None, :]
+    tl.store(hrow[:, None] + d[None, :], h.to(hrow.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _prep_rows(n, rmask, nlo, np0, nT, x_ptr, h_ptr, z_ptr, mod_ptr, pos_ptr, attn_ln_w, attn_ln_b,
+               H, D, L, W, eps_mod, eps_attn, BD: tl.constexpr):
+    """_prep_step for the candidate rows n (R,), each row held whole in registers."""
+    d = tl.arange(0, BD)
+    dmask = d < D
+    m2 = rmask[:, None] & dmask[None, :]
+    L6D = L * 6 * D
+    for t in range(np0, nT):
+        zt = tl.load(z_ptr + (n * (H + 1) + nlo + t)[:, None] * D + d[None, :], mask=m2, other=0.0,
+                     cache_modifier=".cg")
+        xv = zt + tl.load(pos_ptr + t * D + d, mask=dmask, other=0.0)[None, :]
+        tl.store(x_ptr + (n * W + t)[:, None] * D + d[None, :], xv, mask=m2)
+        _input_rows(xv, m2, d, dmask, mod_ptr + (n * H + nlo + t) * L6D, attn_ln_w, attn_ln_b,
+                    h_ptr + (n * W + t) * D, D, eps_mod, eps_attn, True)
+
+
+@triton.jit
+def _reduce_rows(of, nsplit, rb, sp, nt, q0, l, lo, i, last_step, nlo, np0, nT,
+                 x_ptr, h_ptr, z_ptr, mod_ptr, part_ptr, cost_ptr, goal_ptr, pos_ptr,
+                 out_b, fc2_b, head_b2, attn_ln_w, attn_ln_b, mlp_ln_w, mlp_ln_b, norm_w, norm_b,
+                 N, H, D, L, W, rows_per_goal, eps_mod, eps_attn, eps_mlp, eps_out,
+                 HAS_GOAL: tl.constexpr, BM: tl.constexpr, RR: tl.constexpr, BD: tl.constexpr,
+                 MAXS: tl.constexpr):
+    """A RED item: the epilogue of GEMM phase `of` (what _finish / _prep_step do for a whole row
+    block) for RR of the row block's (candidate, token) rows, numbered candidate-major with nt tokens
+    q0 .. q0 + nt - 1 per candidate (nt = 1 after pred_proj and the modulation table). Each row is held
+    whole in registers, the nsplit partial sums are loaded MAXS at a time (an unrolled group of masked
+    loads in flight together) and added in split order, as _split_sum does: deterministic."""
+    d = tl.arange(0, BD)
+    dmask = d < D
+    r = sp * RR + tl.arange(0, RR)
+    c = r // nt
+    n = rb * BM + c
+    tok = q0 + r % nt
+    rmask = (c < BM) & (n < N)
+    m2 = rmask[:, None] & dmask[None, :]
+    L6D = L * 6 * D
+    if of >= 2:
+        prow = part_ptr + (n * W + tok) * D
+        pstride = N * W * D
+        s = tl.zeros((RR, BD), dtype=tl.float32)
+        for g0 in range(0, nsplit, MAXS):  # MAXS loads at once (unrolled), added in split order
+            for g in tl.static_range(MAXS):
+                s += tl.load(prow[:, None] + (g0 + g) * pstride + d[None, :], mask=m2 & (g0 + g < nsplit),
+                             other=0.0, cache_modifier=".cg")
+        if of == 4:  # pred_proj: the next latent, the cost, the next step's input rows
+            zn = s + tl.load(head_b2 + d, mask=dmask, other=0.0)[None, :]
+            tl.store(z_ptr + (n * (H + 1) + i + 1)[:, None] * D + d[None, :], zn, mask=m2)
+            if HAS_GOAL:
+                if last_step != 0:
+                    gl = tl.load(goal_ptr + (n // rows_per_goal)[:, None] * D + d[None, :], mask=m2, other=0.0)
+                    dz = tl.where(m2, zn - gl, 0.0)
+                    tl.store(cost_ptr + n, tl.sum(dz * dz, axis=1), mask=rmask)
+            if last_step == 0:
+                tl.debug_barrier()
+                _prep_rows(n, rmask, nlo, np0, nT, x_ptr, h_ptr, z_ptr, mod_ptr, pos_ptr, attn_ln_w, attn_ln_b,
+                           H, D, L, W, eps_mod, eps_attn, BD)
+        else:  # attention / MLP: the gated residual, then the next GEMM's input rows
+            mrow = mod_ptr + (n * H + lo + tok) * L6D + l * 6 * D
+            xrow = x_ptr + (n * W + tok) * D
+            gate_off = 2 * D if of == 2 else 5 * D
+            bias = out_b + l * D if of == 2 else fc2_b + l * D
+            gate = tl.load(mrow[:, None] + gate_off + d[None, :], mask=m2, other=0.0, cache_modifier=".cg")
+            xv = tl.load(xrow[:, None] + d[None, :], mask=m2, other=0.0, cache_modifier=".cg")
+            xv += gate * (s + tl.load(bias + d, mask=dmask, other=0.0)[None, :])
+            tl.store(xrow[:, None] + d[None, :], xv, mask=m2)
+            hrow = h_ptr + (n * W + tok) * D
+            if of == 2:
+                _input_rows(xv, m2, d, dmask, mrow + 3 * D, mlp_ln_w + l * D, mlp_ln_b + l * D, hrow, D,
+                            eps_mod, eps_mlp, True)
+            elif l + 1 < L:
+                _input_rows(xv, m2, d, dmask, mrow + 6 * D, attn_ln_w + (l + 1) * D, attn_ln_b + (l + 1) * D,
+                            hrow, D, eps_mod, eps_attn, True)
+            else:  # the predictor's final LayerNorm: pred_proj's input
+                _input_rows(xv, m2, d, dmask, mrow, norm_w, norm_b, hrow, D, eps_mod, eps_out, False)
+    else:  # after the modulation table: the first step's input rows
+        _prep_rows(n, rmask, nlo, np0, nT, x_ptr, h_ptr, z_ptr, mod_ptr, pos_ptr, attn_ln_w, attn_ln_b,
+                   H, D, L, W, eps_mod, eps_attn, BD)
+
+
+@triton.jit
 def _rollout_kernel(
     ptab_ptr, ph_first, total, ctr_ptr, RB,  # phase table, first phase, ticket count, counters, row blocks
     act_ptr, z0_ptr, goal_ptr,  # inputs: actions (N, H, A) f32, context (N, C, D) f32, goals (E, D) f32
@@ -642,7 +758,8 @@ def _rollout_kernel(
     eps_mod, eps_attn, eps_mlp, eps_out, sm_scale,
     PERSISTENT: tl.constexpr, HAS_GOAL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, BDH: tl.constexpr,
-    BC: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr,
+    BC: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, KIND: tl.constexpr, RR: tl.constexpr,
+    MAXS: tl.constexpr, QKV: tl.constexpr,
 ):
     """The whole rollout as work items (see the module docstring). Ticket t names one item: its phase
     (a row of the phase table), its row block rb (BM candidates) and its split sp. PERSISTENT: programs
@@ -683,6 +800,7 @@ def _rollout_kernel(
         q0 = tl.load(row + 8)
         l = tl.load(row + 9)
         last_step = tl.load(row + 10)
+        col14 = tl.load(row + 14)  # GEMM / MOD phases: 1 = their epilogue is a RED phase; RED: its GEMM's kind
         item = tk - tl.load(row + 1)
         rb = item // nsplit
         sp = item % nsplit
@@ -729,51 +847,74 @@ def _rollout_kernel(
             for t in range(p0, T):
                 hrow = h_ptr + (n64 * W + t) * D
                 for hd in range(sp * HPG, sp * HPG + HPG):
-                    for c3 in range(0, 3):  # q, k, v one at a time: one accumulator live (fp32 FMA dots)
-                        acc3 = tl.zeros((BM, BDH), dtype=tl.float32)
+                    # QKV: q, k and v in one (BM, 4 BDH) tile (one K loop; bf16 wgmma); else one at a time
+                    # (one accumulator live: fp32 FMA dots)
+                    for c3 in range(0, 1 if QKV else 3):
+                        if QKV:
+                            jq = tl.arange(0, 4 * BDH)
+                            qcol = (jq // BDH) * INNER + hd * DH + jq % BDH
+                            qm = ((jq // BDH) < 3) & ((jq % BDH) < DH)
+                        else:
+                            jq = tl.arange(0, BDH)
+                            qcol = c3 * INNER + hd * DH + jq
+                            qm = jq < DH
+                        acc3 = tl.zeros((BM, 4 * BDH if QKV else BDH), dtype=tl.float32)
                         for k0 in range(0, D, BK):
                             km = (k0 + kk) < D
                             a = tl.load(hrow[:, None] + k0 + kk[None, :], mask=nmask[:, None] & km[None, :],
                                         other=0.0, cache_modifier=".cg")
-                            wt = tl.load(qkv_w + l * D * I3 + (k0 + kk)[:, None] * I3 + c3 * INNER + hd * DH + e[None, :],
-                                         mask=km[:, None] & emask[None, :], other=0.0)
+                            wt = tl.load(qkv_w + l * D * I3 + (k0 + kk)[:, None] * I3 + qcol[None, :],
+                                         mask=km[:, None] & qm[None, :], other=0.0)
                             acc3 += _dot(a, wt, DOT)
-                        tl.store(kvrow[:, None] + t * I3 + c3 * INNER + hd * DH + e[None, :],
-                                 acc3.to(kv_ptr.dtype.element_ty), mask=me)
+                        tl.store(kvrow[:, None] + t * I3 + qcol[None, :], acc3.to(kv_ptr.dtype.element_ty),
+                                 mask=nmask[:, None] & qm[None, :])
             tl.debug_barrier()
-            # causal attention of each query token (online softmax over <= W keys), out projection
+            # causal attention of each query token (online softmax over <= W keys), once per head and
+            # BE-wide block of its output, then the out projection of that block into every BN-wide block
+            # of the partial sums (added to what the previous blocks left there: the same order of sums
+            # as one accumulator over heads and blocks, so deterministic)
             for tq in range(q0, T):
-                for c0 in range(0, D, BN):  # output columns in BN blocks (fp32: attention recomputed per block)
-                    dn = c0 + tl.arange(0, BN)
-                    dnm = dn < D
-                    acc = tl.zeros((BM, BN), dtype=tl.float32)
-                    for hd in range(sp * HPG, sp * HPG + HPG):
-                        hb = kvrow[:, None] + hd * DH + e[None, :]
-                        for e0 in range(0, DH, BE):  # the head's output in BE-wide column blocks
-                            ec = e0 + tl.arange(0, BE)
-                            mc = nmask[:, None] & (ec < DH)[None, :]
-                            vb = kvrow[:, None] + 2 * INNER + hd * DH + ec[None, :]
-                            q = tl.load(hb + tq * I3, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32) * sm_scale
-                            kj = tl.load(hb + INNER, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
-                            o = tl.load(vb, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
-                            m_i = tl.sum(q * kj, axis=1)  # key 0 is visible to every query
-                            l_i = tl.full((BM,), 1.0, tl.float32)
-                            for j in range(1, tq + 1):
-                                kj = tl.load(hb + j * I3 + INNER, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
-                                vj = tl.load(vb + j * I3, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
-                                sc = tl.sum(q * kj, axis=1)
-                                m_new = tl.maximum(m_i, sc)
-                                alpha = tl.exp(m_i - m_new)
-                                pj = tl.exp(sc - m_new)
-                                l_i = l_i * alpha + pj
-                                o = o * alpha[:, None] + pj[:, None] * vj
-                                m_i = m_new
-                            o = o / l_i[:, None]
+                prow = part_ptr + ((sp * N + n64) * W + tq) * D
+                for hd in range(sp * HPG, sp * HPG + HPG):
+                    hb = kvrow[:, None] + hd * DH + e[None, :]
+                    for e0 in range(0, DH, BE):  # the head's output in BE-wide column blocks
+                        ec = e0 + tl.arange(0, BE)
+                        mc = nmask[:, None] & (ec < DH)[None, :]
+                        vb = kvrow[:, None] + 2 * INNER + hd * DH + ec[None, :]
+                        q = tl.load(hb + tq * I3, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32) * sm_scale
+                        kj = tl.load(hb + INNER, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
+                        o = tl.load(vb, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
+                        m_i = tl.sum(q * kj, axis=1)  # key 0 is visible to every query
+                        l_i = tl.full((BM,), 1.0, tl.float32)
+                        for j in range(1, tq + 1):
+                            kj = tl.load(hb + j * I3 + INNER, mask=me, other=0.0, cache_modifier=".cg").to(tl.float32)
+                            vj = tl.load(vb + j * I3, mask=mc, other=0.0, cache_modifier=".cg").to(tl.float32)
+                            sc = tl.sum(q * kj, axis=1)
+                            m_new = tl.maximum(m_i, sc)
+                            alpha = tl.exp(m_i - m_new)
+                            pj = tl.exp(sc - m_new)
+                            l_i = l_i * alpha + pj
+                            o = o * alpha[:, None] + pj[:, None] * vj
+                            m_i = m_new
+                        o = o / l_i[:, None]
+                        first = (hd == sp * HPG) & (e0 == 0)
+                        for c0 in range(0, D, BN):
+                            dn = c0 + tl.arange(0, BN)
+                            dnm = dn < D
+                            pm = nmask[:, None] & dnm[None, :]
                             wt = tl.load(out_w + l * INNER * D + (hd * DH + ec)[:, None] * D + dn[None, :],
                                          mask=(ec < DH)[:, None] & dnm[None, :], other=0.0)
+                            acc = tl.load(prow[:, None] + dn[None, :], mask=pm & (first == 0), other=0.0,
+                                          cache_modifier=".cg")
                             acc += _dot(o, wt, DOT)
-                    tl.store(part_ptr + ((sp * N + n64) * W + tq)[:, None] * D + dn[None, :], acc,
-                             mask=nmask[:, None] & dnm[None, :])
+                            tl.store(prow[:, None] + dn[None, :], acc, mask=pm)
+        elif typ == 5:  # RED (split = RR rows): the epilogue of the GEMM phase before it, for RR rows
+            if RR > 0:  # (RR = 0: no RED phases, none of this code compiled)
+                _reduce_rows(col14, tl.load(row + 15), rb, sp, T - q0, q0, l, lo, i, last_step, tl.load(row + 11),
+                             tl.load(row + 12), tl.load(row + 13), x_ptr, h_ptr, z_ptr, mod_ptr, part_ptr, cost_ptr,
+                             goal_ptr, pos_ptr, out_b, fc2_b, head_b2, attn_ln_w, attn_ln_b, mlp_ln_w, mlp_ln_b,
+                             norm_w, norm_b, N, H, D, L, W, rows_per_goal, eps_mod, eps_attn, eps_mlp, eps_out,
+                             HAS_GOAL, BM, RR, BD, MAXS)
         else:  # MLP (split = hidden block of FCW) or HEAD (split = pred_proj hidden block of PCW)
             for tq in range(q0, T):
                 arow = h_ptr + (n64 * W + tq) * D
@@ -794,20 +935,21 @@ def _rollout_kernel(
         if old == nsplit - 1:
             tl.atomic_xchg(arrive_ptr + rb, 0)
             tl.debug_barrier()
-            if typ >= 2:
-                for tq in range(q0, T):
-                    _finish(typ, tq, nsplit, n64, nmask, l, lo, i, last_step, x_ptr, h_ptr, z_ptr, mod_ptr, part_ptr,
-                            cost_ptr, goal_ptr, out_b, fc2_b, head_b2, attn_ln_w, attn_ln_b, mlp_ln_w, mlp_ln_b,
-                            norm_w, norm_b, N, H, D, L, W, rows_per_goal, eps_mod, eps_attn, eps_mlp, eps_out,
-                            HAS_GOAL, BM, BC)
-            if typ == 1:  # the first step's input rows
-                _prep_step(n64, nmask, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), x_ptr, h_ptr, z_ptr,
-                           mod_ptr, part_ptr, pos_ptr, attn_ln_w, attn_ln_b, N, H, D, L, W, eps_mod, eps_attn, BM, BC)
-            elif typ == 4:  # the next step's input rows
-                if last_step == 0:
-                    _prep_step(n64, nmask, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), x_ptr, h_ptr,
-                               z_ptr, mod_ptr, part_ptr, pos_ptr, attn_ln_w, attn_ln_b, N, H, D, L, W, eps_mod,
-                               eps_attn, BM, BC)
+            if RR == 0:  # the epilogue here, by this last item (RR > 0: RED phases do it; not compiled)
+                if (typ >= 2) & (typ <= 4) & (col14 == 0):
+                    for tq in range(q0, T):
+                        _finish(typ, tq, nsplit, n64, nmask, l, lo, i, last_step, x_ptr, h_ptr, z_ptr, mod_ptr, part_ptr,
+                                cost_ptr, goal_ptr, out_b, fc2_b, head_b2, attn_ln_w, attn_ln_b, mlp_ln_w, mlp_ln_b,
+                                norm_w, norm_b, N, H, D, L, W, rows_per_goal, eps_mod, eps_attn, eps_mlp, eps_out,
+                                HAS_GOAL, BM, BC)
+                if (typ == 1) & (col14 == 0):  # the first step's input rows
+                    _prep_step(n64, nmask, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), x_ptr, h_ptr, z_ptr,
+                               mod_ptr, part_ptr, pos_ptr, attn_ln_w, attn_ln_b, N, H, D, L, W, eps_mod, eps_attn, BM, BC)
+                elif (typ == 4) & (col14 == 0):  # the next step's input rows
+                    if last_step == 0:
+                        _prep_step(n64, nmask, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), x_ptr, h_ptr,
+                                   z_ptr, mod_ptr, part_ptr, pos_ptr, attn_ln_w, attn_ln_b, N, H, D, L, W, eps_mod,
+                                   eps_attn, BM, BC)
             tl.debug_barrier()
             tl.atomic_add(done_ptr + rb, 1, sem="release")
         if PERSISTENT:
@@ -826,6 +968,10 @@ _p2 = _utils.p2
 # Most splits per GEMM phase. More splits shorten each item but lengthen the reduction (every split's
 # partial sums are read by one item): bench/gpu_model.py, 1 env, prefers 16 over 8 and 8 over 4.
 _MAX_SPLITS = 16
+# Rows per RED item (GPU, split phases): each row is held whole in registers with every split's partial
+# sum in flight at once, so the epilogue is a few dependent L2 round trips per item, not one item's
+# ~(splits + 6) per column chunk and token (bench/gpu_model.py).
+_RED_ROWS = 4
 
 
 def _divisor_at_least(n: int, want: int) -> int:
@@ -853,6 +999,11 @@ class RolloutConfig:
     head_splits: int
     persistent: bool
     programs: int  # persistent grid size
+    # > 0: the epilogue of every GEMM phase (and the modulation table's) is a phase of its own, RED, of
+    # items of red_rows (candidate, token) rows each; 0: the phase's last item applies it to all BM rows
+    red_rows: int = 0
+    qkv_fused: bool = False  # a head's q, k and v as one GEMM tile (one K loop) instead of three
+    red_group: int = 4  # a RED item loads this many splits' partial sums at once
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -874,33 +1025,50 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
         # bf16: wgmma tiles; fp32 (FMA dots, operands in registers): narrower K / hidden / head blocks
         wide = w.dtype != torch.float32
         # (the persistent kernel holds every kind's code: bf16 needs 2 pipeline stages to stay in registers)
-        BM, BK, BF, nw = 64, min(32, _p2(D)), 32, 8
-        BE, BN, ns = (64, 64, 2) if wide else (32, 32, 3)
+        BM, BK, nw = 64, min(32, _p2(D)), 8
+        BF, BE, BN, ns = 32, (64 if wide else 32), (64 if wide else 32), (2 if wide else 3)
         RB = triton.cdiv(N, BM)
         want = max(1, math.ceil(1.5 * sms / RB))
         att = _divisor_at_least(w.heads, min(want, _MAX_SPLITS, w.heads))
         mlp = max(1, min(want, _MAX_SPLITS, triton.cdiv(w.mlp, BF)))
         head = max(1, min(want, _MAX_SPLITS, triton.cdiv(w.proj_hidden, BF)))
+        # bf16: RED phases take the epilogues (spread over items, and their code out of the GEMM items'
+        # way, which frees the registers that let hidden blocks of 64 halve the dependent K loops,
+        # where the compiler fits them: triton 3.6 spills with 64, later ones do not);
+        # fp32: the FMA dots need those registers, so its GEMM phases keep their fused epilogue
+        red = _RED_ROWS if wide else 0
+        if wide and _triton_version() > (3, 6):
+            BF = 64
         cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, BN=BN, num_warps=nw, num_stages=ns, att_splits=att,
-                   mlp_splits=mlp, head_splits=head, persistent=True, programs=sms)
+                   mlp_splits=mlp, head_splits=head, persistent=True, programs=sms, red_rows=red, qkv_fused=wide,
+                   red_group=4)
     else:
         cfg = dict(BM=_p2(N, hi=64), BK=_p2(D, hi=128), BF=_p2(max(w.mlp, w.proj_hidden, w.act_w1.shape[1]), hi=256),
                    BE=_p2(w.dim_head), BN=_p2(D), num_warps=4, num_stages=1, att_splits=1, mlp_splits=1,
-                   head_splits=1, persistent=False, programs=2)
+                   head_splits=1, persistent=False, programs=2, red_rows=0, qkv_fused=False, red_group=4)
     if override:
         unknown = set(override) - set(cfg)
         if unknown:
             raise ValueError(f"rollout_config: unknown fields {sorted(unknown)} (known: {sorted(cfg)})")
         cfg.update(override)
+        if not cfg["persistent"] and "red_rows" not in override:
+            cfg["red_rows"] = 0  # one launch per phase: a RED phase would be one more launch each
     for name in ("BM", "BK", "BF", "BE", "BN"):
         v = cfg[name]
         assert v >= 16 and (v & (v - 1)) == 0, f"{name}={v}: tl.dot tiles must be powers of two >= 16"
     if w.heads % cfg["att_splits"] != 0:
         raise ValueError(f"rollout_config: att_splits={cfg['att_splits']} must divide heads={w.heads}")
-    for name in ("att_splits", "mlp_splits", "head_splits", "programs"):
+    rr = cfg["red_rows"]
+    if rr < 0 or (rr and (rr & (rr - 1)) != 0):
+        raise ValueError(f"rollout_config: red_rows={rr} must be 0 or a power of two")
+    for name in ("att_splits", "mlp_splits", "head_splits", "programs", "red_group"):
         if cfg[name] < 1:
             raise ValueError(f"rollout_config: {name} must be >= 1, got {cfg[name]}")
     return RolloutConfig(**cfg)
+
+
+def _triton_version() -> tuple:
+    return tuple(int(v) for v in triton.__version__.split(".")[:2])
 
 
 def _sm_count() -> int:
@@ -929,9 +1097,20 @@ def build_phases(w: RolloutWeights, N: int, C: int, H: int, cfg: RolloutConfig) 
     head_splits = triton.cdiv(w.proj_hidden, pcw)
     phases = []
 
+    RR = cfg.red_rows
+
     def add(typ, nsplit, i=0, lo=0, p0=0, T=0, q0=0, l=0, last=0, nxt=(0, 0, 0)):
-        phases.append(dict(type=typ, split=nsplit, i=i, lo=lo, p0=p0, T=T, q0=q0, l=l, last=last,
-                           nlo=nxt[0], np0=nxt[1], nT=nxt[2]))
+        p = dict(type=typ, split=nsplit, i=i, lo=lo, p0=p0, T=T, q0=q0, l=l, last=last,
+                 nlo=nxt[0], np0=nxt[1], nT=nxt[2], aux=0, gsplit=0)
+        phases.append(p)
+        if RR and typ != _ACT:  # its epilogue as a phase of RED items of RR rows
+            p["aux"] = 1
+            # rows per candidate (the kernel's nt = T - q0): its query tokens (pred_proj: the last one)
+            red = dict(p, type=_RED, aux=typ, gsplit=nsplit)
+            if typ == _MOD:
+                red.update(T=1, q0=0)  # one row per candidate
+            red["split"] = triton.cdiv(cfg.BM * (red["T"] - red["q0"]), RR)
+            phases.append(red)
 
     i0, lo0, p00, T0 = steps[0]
     add(_ACT, H)
@@ -957,48 +1136,116 @@ def _phase_table(phases: list, device) -> torch.Tensor:
         r = [0] * _PT_COLS
         for col, key in ((_C_TYPE, "type"), (_C_START, "start"), (_C_ITEMS, "items"), (_C_SPLIT, "split"),
                          (_C_I, "i"), (_C_LO, "lo"), (_C_P0, "p0"), (_C_T, "T"), (_C_Q0, "q0"), (_C_L, "l"),
-                         (_C_LAST, "last"), (_C_NLO, "nlo"), (_C_NP0, "np0"), (_C_NT, "nT")):
+                         (_C_LAST, "last"), (_C_NLO, "nlo"), (_C_NP0, "np0"), (_C_NT, "nT"), (_C_AUX, "aux"),
+                         (_C_GSPLIT, "gsplit")):
             r[col] = int(p[key])
         rows.append(r)
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
+def _loop_trips(iters: int, stages: int) -> int:
+    """Dependent L2 round trips of a K loop of `iters` tile loads software-pipelined `stages` deep
+    (stages - 1 loads in flight ahead of the one consumed; 1 stage: none)."""
+    return math.ceil(iters / max(stages - 1, 1)) + 1
+
+
 def phase_costs(w: RolloutWeights, phases: list, cfg: RolloutConfig) -> list:
-    """Per phase: items, FLOPs per item, bytes each item reads from L2 (weights + activations) and
-    writes, for the cost model (bench/gpu_model.py). Counted as the kernel computes them: padded tiles
-    (BD = next power of two of D) included, since that is what the tensor cores execute."""
+    """Per phase, for the cost model (bench/gpu_model.py), counted as the kernel computes them (padded
+    tiles, BD = next power of two of D, included: that is what the tensor cores execute):
+
+    items, split     work items (row blocks x split) and the split
+    flops, l2_bytes  per item: FLOPs, bytes read from L2 (weights + activations) and written
+    trips            per item: its chain of dependent L2 round trips (loads that must return before
+                     the next can issue: K loops by their pipeline depth, the attention's key loop)
+    tail_bytes,      what the phase's last item does alone after every item of its row block arrived
+    tail_trips       (the fused epilogue: the splits' partial sums, the residual, the LayerNorms);
+                     0 when a RED phase takes the epilogue over, spread over its items"""
     wb = w.dtype.itemsize
     D, BD, I3, DH = w.dim, _p2(w.dim), 3 * w.inner, w.dim_head
-    BM = cfg.BM
-    L6D = w.depth * 6 * D
+    BM, BK, BF, ns_ = cfg.BM, cfg.BK, cfg.BF, cfg.num_stages
+    BC = min(64, BD)
+    BN, BE = min(cfg.BN, BD), min(cfg.BE, _p2(DH))
+    nch = triton.cdiv(D, BC)
+    kl = _loop_trips(triton.cdiv(D, BK), ns_)
     Ha = w.act_w1.shape[1]
     fcw = _hidden_block(w.mlp, cfg.mlp_splits, cfg.BF)
     pcw = _hidden_block(w.proj_hidden, cfg.head_splits, cfg.BF)
+    row = D * 4  # one fp32 row
+    # the fused epilogue per row (bytes, round trips): the residual update reads the partial sums, the
+    # gate and x and writes x; the modulated input rows read x three times, shift and scale, write and
+    # re-read the modulated rows twice and write h; the final LayerNorm reads x three times
+    norm_mod = (8 * row + D * wb, 5 * nch)
+    norm_plain = (3 * row + D * wb, 3 * nch)
+
+    def prep(p):  # the next step's input rows, per candidate: z + pos -> x, then the modulated rows
+        t = p["nT"] - p["np0"]
+        return t * (2 * row + norm_mod[0]), t * (nch + norm_mod[1])
+
     out = []
     for p in phases:
         typ, ns = p["type"], p["split"]
         tn, tq = p["T"] - p["p0"], p["T"] - p["q0"]
+        tail_b = tail_t = 0
         if typ == _ACT:
             fl = 2 * BM * (16 * Ha + Ha * BD)
             rd = (w.action_width * Ha + Ha * D) * wb + BM * w.action_width * 4
             wr = BM * D * wb
+            trips = triton.cdiv(Ha, BF) * 3 + 1
         elif typ == _MOD:
             fl = 2 * BM * D * BD
             rd = D * BD * wb + BM * D * wb
             wr = BM * BD * 4
+            trips = kl + 1
+            if not p["aux"]:
+                b, t = prep(p)
+                tail_b, tail_t = BM * b, t
         elif typ == _ATT:
             hpg = w.heads // ns
-            fl = 2 * BM * tn * D * 3 * DH * hpg + 2 * BM * tq * DH * BD * hpg
+            qw = 4 * _p2(DH) if cfg.qkv_fused else 3 * DH  # the q|k|v tile's width (fused: padded)
+            fl = 2 * BM * tn * D * qw * hpg + 2 * BM * tq * DH * BD * hpg
             rd = hpg * (D * 3 * DH + DH * D) * wb + BM * tn * D * wb + BM * p["T"] * 3 * DH * hpg * wb
-            wr = BM * tn * 3 * DH * hpg * wb + BM * tq * D * 4
+            blocks = hpg * triton.cdiv(DH, BE)  # (head, output block) pairs: one softmax each
+            # the partial sums: written per block, re-read by every block after the first
+            wr = BM * tn * 3 * DH * hpg * wb + BM * tq * D * 4 * blocks
+            rd += BM * tq * D * 4 * (blocks - 1)
+            nbn = triton.cdiv(D, BN)
+            att = sum(blocks * (t + 2) + blocks * nbn + (blocks - 1) * nbn for t in range(p["q0"], p["T"]))
+            trips = tn * hpg * (1 if cfg.qkv_fused else 3) * kl + att + 1
+        elif typ == _RED:
+            of, g = p["aux"], p["gsplit"]
+            rows = cfg.red_rows
+            if of == _MOD:
+                b, t = prep(p)
+                rd, trips = rows * b, 2 * (p["nT"] - p["np0"])
+            elif of == _HEAD:
+                b, t = prep(p) if not p["last"] else (0, 0)
+                rd = rows * ((g + 1) * row + b)
+                trips = triton.cdiv(g, cfg.red_group) + 1 + 2 * (p["nT"] - p["np0"] if not p["last"] else 0)
+            else:
+                # partials, gate, x (read and written), shift, scale; h
+                rd, trips = rows * ((g + 5) * row + D * wb), triton.cdiv(g, cfg.red_group) + 2
+            fl, wr = 0, 0
         else:
             width = fcw if typ == _MLP else pcw
             fl = 2 * BM * tq * (D * width + width * BD)
             rd = 2 * D * width * wb + BM * tq * D * wb
             wr = BM * tq * D * 4
-        red = 0 if (typ < _ATT or ns == 1) else BM * tq * D * 4 * ns  # the reducer's reads
-        out.append(dict(name=f"{_PHASE_NAMES[typ]}" + (f" l{p['l']} step{p['i']}" if typ >= _ATT else ""),
-                        items=p["items"], split=ns, flops=fl, l2_bytes=rd + wr, reduce_bytes=red, serial=1))
+            trips = tq * triton.cdiv(width, BF) * (kl + 1) + 1
+        if typ in (_ATT, _MLP, _HEAD) and not p["aux"]:
+            if typ == _HEAD:
+                b, t = prep(p) if not p["last"] else (0, 0)
+                tail_b, tail_t = BM * ((ns + 1) * row + b), nch * ns + t
+            else:
+                last_plain = typ == _MLP and p["l"] == w.depth - 1
+                nb, nt_ = norm_plain if last_plain else norm_mod
+                tail_b, tail_t = BM * tq * ((ns + 3) * row + nb), tq * (nch * (ns + 1) + nt_)
+        name = _PHASE_NAMES[typ]
+        if typ == _RED:
+            name += f" {_PHASE_NAMES[p['aux']]}"
+        if typ >= _ATT:
+            name += f" l{p['l']} step{p['i']}"
+        out.append(dict(name=name, items=p["items"], split=ns, flops=fl, l2_bytes=rd + wr, trips=trips,
+                        tail_bytes=tail_b, tail_trips=tail_t))
     return out
 
 
@@ -1023,7 +1270,8 @@ class RolloutWorkspace:
         self.costs = phase_costs(w, self.phases, config)  # per phase, for launch records (the cost model)
         self.rb = triton.cdiv(N, config.BM)
         self.total = self.phases[-1]["start"] + self.phases[-1]["items"]
-        splits = max(p["split"] for p in self.phases if p["type"] >= _ATT)
+        splits = max(p["split"] for p in self.phases if p["type"] in (_ATT, _MLP, _HEAD))
+        self.max_split = splits
         self.ptab = _phase_table(self.phases, dev)
         self.ctr = torch.zeros(1 + 2 * self.rb, device=dev, dtype=torch.int32)
         self.z = torch.empty(N, H + 1, D, device=dev, dtype=f32)
@@ -1093,14 +1341,14 @@ def _fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, g
             w.eps_mod, w.eps_attn, w.eps_mlp, w.eps_out, 1.0 / math.sqrt(w.dim_head))
     meta = dict(HAS_GOAL=goal is not None, DOT=_dot_mode(w), BM=cfg.BM, BK=cfg.BK, BF=cfg.BF, BD=_p2(D),
                 BDH=_p2(w.dim_head), BC=min(64, _p2(D)), BE=min(cfg.BE, _p2(w.dim_head)), BN=min(cfg.BN, _p2(D)),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                RR=cfg.red_rows, MAXS=min(ws.max_split, cfg.red_group), QKV=cfg.qkv_fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     costs = ws.costs
     if cfg.persistent:
         ws.ctr.zero_()
         grid = (max(1, min(cfg.programs, ws.total)),)
         _utils.launch(_rollout_kernel, grid, *args, PERSISTENT=True, KIND=-1, tag="rollout persistent",
                       cost=dict(flops=sum(c["flops"] * c["items"] for c in costs),
-                                l2_bytes=sum((c["l2_bytes"]) * c["items"] + c["reduce_bytes"] * (c["items"] // c["split"])
+                                l2_bytes=sum(c["l2_bytes"] * c["items"] + c["tail_bytes"] * (c["items"] // c["split"])
                                              for c in costs),
                                 hbm_bytes=_weight_bytes(w) + ws_bytes(ws), phases=costs), **meta)
     else:
@@ -1110,7 +1358,7 @@ def _fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, g
             _utils.launch(_rollout_kernel, (p["items"],), *a, PERSISTENT=False, KIND=p["type"],
                           tag=f"rollout {c['name']}",
                           cost=dict(flops=c["flops"] * c["items"],
-                                    l2_bytes=c["l2_bytes"] * c["items"] + c["reduce_bytes"] * (c["items"] // c["split"]),
+                                    l2_bytes=c["l2_bytes"] * c["items"] + c["tail_bytes"] * (c["items"] // c["split"]),
                                     phases=[c]), **meta)
     return ws.z[:, C:], (ws.cost if goal is not None else None)
 

@@ -77,19 +77,47 @@ def test_memory_bound_launch_and_wave_quantisation():
 def test_persistent_kernel_phases_critical_path():
     dev = G.DEVICES["H100"]
     per_sm_fma = 60e12 / 132
-    # phase A: 264 items over 132 CTAs (2 rounds) of 1 us each; phase B: 10 items but 5 dependent ones
+    # phase A: 264 items over 132 CTAs (2 rounds) of 1 us each, then the hand-off
     fa = per_sm_fma * 1e-6
-    phases = [{"name": "A", "items": 264, "flops": fa, "l2_bytes": 0, "serial": 0},
-              {"name": "B", "items": 10, "flops": fa, "l2_bytes": 0, "serial": 5}]
-    rec = _toy_records(torch.float32, (132,), {"flops": 274 * fa, "hbm_bytes": 0, "phases": phases})
+    phases = [{"name": "A", "items": 264, "flops": fa, "l2_bytes": 0}]
+    rec = _toy_records(torch.float32, (132,), {"flops": 264 * fa, "hbm_bytes": 0, "phases": phases})
     t = G.model_recording(rec, dev, "fast", "dtype", {})
-    expect = G.GAP_US + 2 * 1.0 + 5 * (1.0 + G.SYNC_US)
-    assert t.t_us == pytest.approx(expect, rel=1e-9)
+    assert t.t_us == pytest.approx(G.GAP_US + 2 * 1.0 + G.SYNC_US, rel=1e-9)
+    # phase B: 10 items of 1 us, then a serial tail of 1 MB read by one SM after they all arrived
+    phases = [{"name": "B", "items": 10, "flops": fa, "l2_bytes": 0, "tail_bytes": 1e6, "tail_trips": 2}]
+    rec = _toy_records(torch.float32, (132,), {"phases": phases})
+    expect = G.GAP_US + 1.0 + G.SYNC_US + 1e6 / G.SM_L2 * 1e6
+    assert G.model_recording(rec, dev, "fast", "dtype", {}).t_us == pytest.approx(expect, rel=1e-9)
     # an L2-bound phase of 40 items: each of the 40 SMs reads at one SM's rate
-    phases = [{"name": "C", "items": 40, "flops": 0, "l2_bytes": 1e6, "serial": 1}]
+    phases = [{"name": "C", "items": 40, "flops": 0, "l2_bytes": 1e6}]
     rec = _toy_records(torch.float32, (132,), {"phases": phases})
     tau = 1e6 / min(G.SM_L2, 5.5e12 / 40) * 1e6
     assert G.model_recording(rec, dev, "fast", "dtype", {}).t_us == pytest.approx(G.GAP_US + tau + G.SYNC_US)
+    # a latency-bound phase: 100 dependent L2 round trips per item, whatever its bytes and FLOPs
+    phases = [{"name": "D", "items": 40, "flops": fa, "l2_bytes": 1e3, "trips": 100, "tail_trips": 10}]
+    rec = _toy_records(torch.float32, (132,), {"phases": phases})
+    expect = G.GAP_US + 100 * G.LAT_US + G.SYNC_US + 10 * G.LAT_US
+    assert G.model_recording(rec, dev, "fast", "dtype", {}).t_us == pytest.approx(expect)
+
+
+def test_rollout_phase_costs_count_the_epilogue_where_it_runs():
+    """The fused epilogue of a split GEMM (its last item, alone) is a serial tail; as RED phases it is
+    spread over items of a few rows: the model must see the difference (that is why RED exists)."""
+    import lewm
+    from lewm.plan.engine import pack_predictor
+    from lewm_kernels.rollout import build_phases, phase_costs, rollout_config
+    m = lewm.LeWM(lewm.preset("pusht")).eval()
+    w = pack_predictor(m, dtype=torch.bfloat16).to(device="meta")
+    dev = G.DEVICES["H100"]
+    times = {}
+    for rr in (0, 4):
+        cfg = rollout_config(w, 300, gpu=True, sms=132, override={"red_rows": rr})
+        cs = phase_costs(w, build_phases(w, 300, 1, 5, cfg), cfg)
+        att = [c for c in cs if c["name"].startswith("attention")]
+        assert all(c["trips"] > 0 for c in cs)
+        assert all((c["tail_trips"] > 0) == (rr == 0) for c in att)
+        times[rr] = sum(G._phase_us(c, dev, dev["tc"], 132) for c in cs)
+    assert times[4] < 0.7 * times[0]
 
 
 def test_eager_reference_is_host_bound():

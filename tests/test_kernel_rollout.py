@@ -35,9 +35,11 @@ interp = pytest.mark.interp  # runs the Triton kernel on CPU tensors (TRITON_INT
 
 # Work decompositions the interpreter runs (it defaults to one row block, no splits, one launch per
 # phase): several row blocks with a partial last one, every GEMM split (partial sums reduced by the
-# last item to finish), and the persistent kernel that takes items in ticket order.
+# last item to finish), the persistent kernel that takes items in ticket order, and the epilogues as
+# RED phases of a few rows per item (the GPU's choice when GEMMs are split).
 SPLIT = dict(BM=16, att_splits=2, mlp_splits=3, head_splits=2)
 PERSISTENT = dict(SPLIT, persistent=True, programs=3)
+RED = dict(PERSISTENT, red_rows=8)
 
 # dims that are not powers of two (masking paths): D 40, 3 heads x 20, MLP 72, pred_proj 48, action width 15
 ODD = {"embed_dim": 40, "pred_heads": 3, "pred_dim_head": 20, "pred_mlp": 72, "proj_hidden": 48,
@@ -153,7 +155,7 @@ def test_fused_odd_dims(odd, N, C, H):
 
 
 @interp
-@pytest.mark.parametrize("config", [SPLIT, PERSISTENT], ids=["split", "persistent"])
+@pytest.mark.parametrize("config", [SPLIT, PERSISTENT, RED], ids=["split", "persistent", "persistent-red"])
 def test_fused_several_goals_row_blocks_and_splits(tiny, config):
     """Candidates grouped by goal (N = E * S), several row blocks (the last one partial), every GEMM
     split, one launch per phase or the persistent kernel: the model's answer each time."""
@@ -165,10 +167,11 @@ def test_fused_several_goals_row_blocks_and_splits(tiny, config):
 @interp
 def test_persistent_equals_phased_and_is_deterministic(odd):
     """The persistent kernel runs the same items as the phase-by-phase launches and sums the splits in
-    the same fixed order: bitwise the same answer, run after run."""
+    the same fixed order: bitwise the same answer, run after run (here with RED phases of 4 rows, so
+    a row block's epilogue is spread over several items)."""
     m, w = odd
     z0, a, goal = inputs(m, 20, 2, 5)
-    cfg = dict(SPLIT, att_splits=3)
+    cfg = dict(SPLIT, att_splits=3, red_rows=4)
     p1, c1 = fused_rollout(w, z0, a, goal, config=cfg)
     p2, c2 = fused_rollout(w, z0, a, goal, config=dict(cfg, persistent=True, programs=2))
     p3, c3 = fused_rollout(w, z0, a, goal, config=dict(cfg, persistent=True, programs=2))
@@ -296,8 +299,18 @@ def test_gpu_decomposition_at_the_planners_shapes():
         assert one.BM == fifty.BM == 64 and one.BK == 32 and one.num_stages == stages and one.persistent
         assert one.att_splits > 1 and one.mlp_splits > 1 and 16 % one.att_splits == 0
         assert fifty.att_splits == fifty.mlp_splits == fifty.head_splits == 1
-        # the phase list: 2 setup phases, then per step 2 per layer + pred_proj
-        assert len(build_phases(w, 300, 1, 5, one)) == 2 + 5 * (2 * 6 + 1)
+        # bf16 hands every epilogue to a RED phase (and uses the registers that frees for hidden blocks
+        # of 64); fp32's FMA dots keep the fused epilogue
+        bf16 = dtype == torch.bfloat16
+        assert (one.red_rows > 0) == (fifty.red_rows > 0) == bf16 and one.qkv_fused == bf16
+        assert one.BF == (64 if bf16 and kr._triton_version() > (3, 6) else 32)
+        # the phase list: 2 setup phases, then per step 2 per layer + pred_proj; with RED, each but the
+        # first followed by its RED phase
+        for c, n in ((one, 300), (fifty, 15000)):
+            phases = build_phases(w, n, 1, 5, c)
+            assert len(phases) == (1 + 2 * (1 + 5 * (2 * 6 + 1)) if bf16 else 2 + 5 * (2 * 6 + 1))
+            reds = [p for p in phases if p["type"] == 5]
+            assert all(p["split"] * c.red_rows >= c.BM * (p["T"] - p["q0"]) for p in reds)
 
 
 def test_launches_recorded_without_running(tiny):
@@ -310,11 +323,14 @@ def test_launches_recorded_without_running(tiny):
         fused_rollout(w, z0, a, goal)
     assert len(rec) == 1 and rec[0].meta["PERSISTENT"] and rec[0].meta["BM"] == 64 and rec[0].grid == (132,)
     phases = rec[0].cost["phases"]
-    assert len(phases) == 67 and all(p["flops"] > 0 and p["items"] > 0 for p in phases)
+    assert len(phases) == 133 and all(p["items"] > 0 and p["trips"] > 0 for p in phases)
+    assert all(p["flops"] > 0 for p in phases if not p["name"].startswith("reduce"))
+    assert all(p["tail_bytes"] == 0 for p in phases)  # every epilogue is a RED phase's
     with _utils.record_launches() as rec:
         fused_rollout(w, z0, a, goal, config={"persistent": False})
     assert len(rec) == 67 and {r.meta["KIND"] for r in rec} == {0, 1, 2, 3, 4}
-    assert sum(r.ctas for r in rec) == sum(p["items"] for p in phases)
+    assert sum(r.ctas for r in rec) == sum(p["items"] for p in phases if not p["name"].startswith("reduce"))
+    assert all(r.cost["phases"][0]["tail_bytes"] > 0 for r in rec if r.meta["KIND"] >= 2)
 
 
 def test_too_many_candidates_for_int32_offsets_is_refused(tiny):
