@@ -1034,10 +1034,10 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
         head = max(1, min(want, _MAX_SPLITS, triton.cdiv(w.proj_hidden, BF)))
         # bf16: RED phases take the epilogues (spread over items, and their code out of the GEMM items'
         # way, which frees the registers that let hidden blocks of 64 halve the dependent K loops,
-        # where the compiler fits them: triton 3.6 spills with 64, later ones do not);
+        # where the compiler fits them: with splits (1 env) and triton > 3.6; profiles/kernels_sm90.py);
         # fp32: the FMA dots need those registers, so its GEMM phases keep their fused epilogue
         red = _RED_ROWS if wide else 0
-        if wide and _triton_version() > (3, 6):
+        if wide and (att > 1 or mlp > 1) and _triton_version() > (3, 6):  # (50 envs' plan spills with 64)
             BF = 64
         cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, BN=BN, num_warps=nw, num_stages=ns, att_splits=att,
                    mlp_splits=mlp, head_splits=head, persistent=True, programs=sms, red_rows=red, qkv_fused=wide,

@@ -303,7 +303,7 @@ def test_gpu_decomposition_at_the_planners_shapes():
         # of 64); fp32's FMA dots keep the fused epilogue
         bf16 = dtype == torch.bfloat16
         assert (one.red_rows > 0) == (fifty.red_rows > 0) == bf16 and one.qkv_fused == bf16
-        assert one.BF == (64 if bf16 and kr._triton_version() > (3, 6) else 32)
+        assert one.BF == (64 if bf16 and kr._triton_version() > (3, 6) else 32) and fifty.BF == 32
         # the phase list: 2 setup phases, then per step 2 per layer + pred_proj; with RED, each but the
         # first followed by its RED phase
         for c, n in ((one, 300), (fifty, 15000)):
