@@ -1036,8 +1036,13 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
         # way, which frees the registers that let hidden blocks of 64 halve the dependent K loops,
         # where the compiler fits them: with splits (1 env) and triton > 3.6; profiles/kernels_sm90.py);
         # fp32: the FMA dots need those registers, so its GEMM phases keep their fused epilogue
-        red = _RED_ROWS if wide else 0
-        if wide and (att > 1 or mlp > 1) and _triton_version() > (3, 6):  # (50 envs' plan spills with 64)
+        # The persistent kernel sits at 255 registers, and which variant fits depends on the compiler
+        # (profiles/kernels_sm90.py, both tritons): one row block (the final rollout of each env's mean
+        # plan, RB = 1 a compile-time constant) spills with RED on triton 3.6 and without it later;
+        # hidden blocks of 64 fit only with several row blocks and splits, after 3.6.
+        newer = _triton_version() > (3, 6)
+        red = _RED_ROWS if wide and (RB > 1 or newer) else 0
+        if red and RB > 1 and (att > 1 or mlp > 1) and newer:
             BF = 64
         cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, BN=BN, num_warps=nw, num_stages=ns, att_splits=att,
                    mlp_splits=mlp, head_splits=head, persistent=True, programs=sms, red_rows=red, qkv_fused=wide,
