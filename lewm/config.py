@@ -58,6 +58,10 @@ class ModelConfig:
     pred_dim_head: int = 64
     pred_mlp: int = 2048
     pred_dropout: float = 0.1
+    # the encoder's initialisation: "hf" as the reference's HF ViTModel (trunc-normal 0.02 everywhere,
+    # CLS token included), or "timm" (timm's own: CLS token std 1e-6, the patch embedding PyTorch's
+    # default Conv2d init); see lewm.model.encoder.hf_vit_init and the README (small patches differ most)
+    init: str = "hf"
 
     @property
     def action_input_dim(self) -> int:
@@ -86,6 +90,7 @@ class ModelConfig:
                f"must be positive, got {self.enc_ln_eps!r}")
         _check(e, f"{p}.pred_dropout", _num(self.pred_dropout) and 0 <= self.pred_dropout < 1,
                f"must be in [0, 1), got {self.pred_dropout!r}")
+        _check(e, f"{p}.init", self.init in ("hf", "timm"), f"must be 'hf' or 'timm', got {self.init!r}")
         return e
 
 
@@ -203,6 +208,7 @@ class DataConfig:
     episodes: int = 10000
     max_steps: int = 200
     image_size: int = 224
+    env_kwargs: dict = field(default_factory=dict)  # the env's options (`--env-arg K=V`), e.g. TwoRoom's render
 
     def _errors(self, p: str) -> list:
         e: list = []
@@ -210,6 +216,8 @@ class DataConfig:
             v = getattr(self, f)
             _check(e, f"{p}.{f}", isinstance(v, int) and not isinstance(v, bool) and v > 0,
                    f"must be a positive integer, got {v!r}")
+        _check(e, f"{p}.env_kwargs", isinstance(self.env_kwargs, dict) and all(isinstance(k, str) for k in self.env_kwargs),
+               f"must be a mapping of option names to values, got {self.env_kwargs!r}")
         return e
 
 
@@ -326,12 +334,15 @@ _PRESETS: dict[str, dict] = {
             "image_size": 32, "patch_size": 8, "enc_width": 32, "enc_depth": 2, "enc_heads": 2,
             "embed_dim": 32, "proj_hidden": 64, "action_hidden": 64,
             "pred_depth": 2, "pred_heads": 2, "pred_dim_head": 16, "pred_mlp": 64,
+            # at this scale (8 px patches, width 32, 3000 steps) timm's init and direct 32 px drawing are
+            # what learns; HF's init and the reference's 224-then-resize frames do not (README, Quickstart)
+            "init": "timm",
         },
         "sigreg": {"num_proj": 64},
         "train": {"steps": 3000, "batch_size": 32, "lr": 2e-3, "workers": 0, "log_every": 50,
                   "ckpt_every": 1000},
         "plan": {"samples": 300, "elites": 30, "iterations": 10},
-        "data": {"episodes": 1000, "max_steps": 100, "image_size": 32},
+        "data": {"episodes": 1000, "max_steps": 100, "image_size": 32, "env_kwargs": {"render": "direct"}},
     },
     # PushT at CPU scale, 64 px: measured 18% success (95% CI 10-31%) vs 8% random after 6000 steps
     # (~24 min on 2 shared cores); linear probes: agent r 0.98, block r 0.91, angle not decodable. A CPU

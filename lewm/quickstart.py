@@ -104,7 +104,7 @@ def main(args) -> int:
         print(f"reusing {data}")
     else:
         collect("tworoom", args.episodes, data, image_size=cfg.model.image_size, seed=args.seed,
-                max_steps=cfg.data.max_steps, progress=True)
+                max_steps=cfg.data.max_steps, progress=True, env_kwargs=cfg.data.env_kwargs or None)
     timings["collect_s"] = time.time() - t
 
     _stage(f"2/4 train the {cfg.name} preset for {cfg.train.steps} steps")

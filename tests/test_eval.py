@@ -335,3 +335,26 @@ def test_converted_reference_checkpoint_has_no_held_out_episodes(tworoom_data, u
     assert "converted from the reference" in err and "--split train" in err
     r = evaluate(conv, "tworoom", tworoom_data, split="train", planner_kw=FAST, episodes=2, budget=5, device="cpu")
     assert r["config"]["checkpoint_source"] == "reference" and r["config"]["training_data"].startswith("matches")
+
+
+def test_episodes_render_as_the_data_was_rendered(tmp_path):
+    """The live frames of an episode must be rendered as the data's goal frames were (TwoRoom: reference
+    or direct): from the file's env_kwargs attribute, or, in a file that records none, found from its
+    first frame. (A JSON-decoded attribute once made every file look like the default rendering: a
+    direct-rendered data set then planned at 16% instead of 96%.)"""
+    import h5py
+
+    from lewm.data.collect import collect
+    from lewm.data.format import inspect as inspect_data
+    from lewm.plan import mpc as M
+    for mode in ("direct", "reference"):
+        path = collect("tworoom", 2, tmp_path / f"{mode}.h5", image_size=32, max_steps=20, progress=False,
+                       env_kwargs={"render": mode})
+        info = inspect_data(path)
+        cols = [c for c in ("proprio", "state") if c in info.columns]
+        assert M._render_kwargs("tworoom", path, info, 32, cols, []) == {"render": mode}
+        with h5py.File(path, "a") as f:  # a file from before TwoRoom had two renderings
+            del f.attrs["env_kwargs"]
+        notes: list = []
+        assert M._render_kwargs("tworoom", path, inspect_data(path), 32, cols, notes) == {"render": mode}
+        assert (mode == "direct") == any("render=direct" in n for n in notes)

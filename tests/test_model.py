@@ -158,3 +158,8 @@ def test_encoder_initialised_as_hf_vit():
         assert 0.017 < t.std().item() < 0.023 and t.abs().max() <= 2.0
     assert vit.patch_embed.proj.bias.abs().max() == 0 and vit.blocks[0].attn.qkv.bias.abs().max() == 0
     assert (vit.blocks[5].norm1.weight == 1).all() and (vit.norm.bias == 0).all()
+    # model.init "timm" keeps timm's own init (the tworoom-cpu preset's: what learns at 8 px patches)
+    torch.manual_seed(0)
+    vt = lewm.LeWM(lewm.preset("pusht", model={"init": "timm"})).encoder.vit
+    assert vt.cls_token.std().item() < 1e-4 and vt.patch_embed.proj.bias.abs().max() > 0
+    assert lewm.preset("tworoom-cpu").model.init == "timm"

@@ -59,7 +59,8 @@ def hf_vit_init(vit: nn.Module, std: float = 0.02) -> nn.Module:
 
 def build_vit(cfg: ModelConfig) -> nn.Module:
     """A timm VisionTransformer with the reference's shape: pre-LN blocks, qkv bias, CLS token,
-    learned positional embedding, final LayerNorm, no head; initialised as HF's ViT (hf_vit_init)."""
+    learned positional embedding, final LayerNorm, no head; initialised as HF's ViT (hf_vit_init) or,
+    with model.init "timm", as timm initialises it."""
     from timm.models.vision_transformer import VisionTransformer
 
     if cfg.image_size % cfg.patch_size != 0:
@@ -81,7 +82,7 @@ def build_vit(cfg: ModelConfig) -> nn.Module:
         class_token=True,
         norm_layer=partial(nn.LayerNorm, eps=cfg.enc_ln_eps),
     )
-    return hf_vit_init(vit)
+    return hf_vit_init(vit) if cfg.init == "hf" else vit
 
 
 class Encoder(nn.Module):

@@ -240,6 +240,41 @@ def make_env(env_name: str, image_size: int, **kwargs):
         raise UserError(str(e)) from None
 
 
+def _render_kwargs(env_name: str, data, info, image_size: int, cols: list, notes: list) -> dict:
+    """How the data's frames were rendered, so the episodes' live frames are rendered alike (the goal
+    frames are the data's own): the file's `env_kwargs` attribute (TwoRoom's render=reference|direct),
+    and where it records none (files written before TwoRoom had two renderings), the rendering that
+    reproduces the data's first frame from its first row's state."""
+    ek = info.attrs.get("env_kwargs") or {}
+    if isinstance(ek, str):  # (attributes are decoded from JSON when read; a raw string is tolerated)
+        try:
+            ek = json.loads(ek)
+        except ValueError:
+            ek = {}
+    ek = ek if isinstance(ek, dict) else {}
+    if "render" in ek:
+        return {"render": ek["render"]}
+    if _norm_name(env_name) != "tworoom":
+        return {}
+    from ..envs.tworoom import RENDER_MODES
+    row = _row_dicts(read_rows(Path(data), np.array([0]), cols))[0]
+    frame = np.asarray(read_rows(Path(data), np.array([0]), ["pixels"])["pixels"][0])
+    for mode in RENDER_MODES:
+        env = make_env(env_name, image_size, render=mode)
+        try:
+            env.reset(seed=0)
+            env.set_state_from_row(row)
+            if np.array_equal(env.render(), frame):
+                if mode != "reference":
+                    notes.append(f"the data's frames are TwoRoom's render={mode} (found from its first frame): "
+                                 "episodes render alike")
+                return {"render": mode}
+        finally:
+            env.close()
+    notes.append("no TwoRoom rendering reproduces the data's first frame: episodes use the default rendering")
+    return {}
+
+
 def check_inputs(cfg: Config, env_name: str, data, *, episodes: int, goal_offset: int, budget: int,
                  split: str = "heldout", seed: int = 42, checkpoint: str | None = None) -> EvalSetup:
     """Every check the user can fail, before any planning: raises UserError (or DataError) with one
@@ -306,14 +341,9 @@ def check_inputs(cfg: Config, env_name: str, data, *, episodes: int, goal_offset
     notes = []
     if image_size != m.image_size:
         notes.append(f"data frames are {image_size} px, the model's {m.image_size} px: encode resizes them")
-    env_kwargs = {}  # how the data's frames were rendered (tworoom: render=reference|direct): render alike
-    try:
-        ek = json.loads(info.attrs.get("env_kwargs") or "{}")
-        env_kwargs = {k: ek[k] for k in ("render",) if k in ek}
-    except (TypeError, ValueError):
-        pass
     cols = [c for c in info.columns if c not in ("pixels", "ep_len", "ep_offset")
             and len(info.columns[c][0]) >= 1 and info.columns[c][0][0] == info.num_rows]
+    env_kwargs = _render_kwargs(env_name, data, info, image_size, cols, notes)
     return EvalSetup(cfg=cfg, checkpoint=checkpoint, env_name=env_name, data=Path(data), image_size=image_size,
                      env_kwargs=env_kwargs, bounds=bounds, split=split, pool_size=int(pool.size), start_rows=starts,
                      goal_rows=starts + goal_offset, row_columns=cols, data_env=data_env, notes=notes, pool=pool,
