@@ -34,7 +34,6 @@ conversion stops and says so (`--no-action-stats` keeps mean 0 and std 1 on purp
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -562,7 +561,7 @@ def reference_config(m: ModelConfig, use_mask_token: bool = False) -> dict:
 def to_reference(model, out, generation: str = "4.x") -> Path:
     """Write `out/weights.pt` (a plain state dict, readable with weights_only=True), `out/config.json`
     (stable-worldmodel's Hydra model config) and `out/action_normalizer.json`, atomically."""
-    from .model.jepa import fsync_dir
+    from .model.jepa import publish_dir
     cfg = reference_config(model.cfg.model)
     state = ours_to_reference(model.state_dict(), generation)
     norm = {"mean": model.action_mean.detach().cpu().tolist(), "std": model.action_std.detach().cpu().tolist(),
@@ -574,14 +573,7 @@ def to_reference(model, out, generation: str = "4.x") -> Path:
         torch.save(state, tmp / "weights.pt")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / NORMALIZER).write_text(json.dumps(norm, indent=2))
-        fsync_dir(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

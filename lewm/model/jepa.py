@@ -187,14 +187,7 @@ class LeWM(nn.Module):
             if extra:
                 meta.update(extra)
             (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            fsync_dir(tmp)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            publish_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -237,6 +230,19 @@ class LeWM(nn.Module):
             raise ValueError(f"checkpoint {w_file} does not match its config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         return model.to(map_location).eval()
+
+
+def publish_dir(tmp: Path, path: Path) -> None:
+    """Put the finished folder `tmp` in place as `path` (fsynced first): a rename, with an existing
+    `path` moved aside and removed only once the new one is in place."""
+    fsync_dir(tmp)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def fsync_dir(d: Path) -> None:
