@@ -642,16 +642,6 @@ def _prep_step(n64, nmask, nlo, np0, nT, x_ptr, h_ptr, z_ptr, mod_ptr, part_ptr,
 
 
 @triton.jit
-def _ln_rows(v, m2, D, eps):
-    """LayerNorm without affine of register-resident rows v (R, BD) (padded columns masked by m2, kept
-    0): two-pass (centred) statistics, as F.layer_norm."""
-    mean = tl.sum(tl.where(m2, v, 0.0), axis=1) / D
-    vc = tl.where(m2, v - mean[:, None], 0.0)
-    var = tl.sum(vc * vc, axis=1) / D
-    return vc * (1.0 / tl.sqrt(var + eps))[:, None]
-
-
-@triton.jit
 def _input_rows(xv, m2, d, dmask, mrow, lnw_ptr, lnb_ptr, hrow, D, eps_mod, eps_ln, MODULATE: tl.constexpr):
     """The next GEMM's input rows from register-resident residual rows xv (R, BD): h =
     LN_affine(LN(x) * (1 + scale) + shift) (MODULATE; mrow (R,) points at each row's shift, scale)
@@ -659,10 +649,10 @@ def _input_rows(xv, m2, d, dmask, mrow, lnw_ptr, lnb_ptr, hrow, D, eps_mod, eps_
     if MODULATE:
         shift = tl.load(mrow[:, None] + d[None, :], mask=m2, other=0.0, cache_modifier=".cg")
         scale = tl.load(mrow[:, None] + D + d[None, :], mask=m2, other=0.0, cache_modifier=".cg")
-        xv = tl.where(m2, _ln_rows(xv, m2, D, eps_mod) * scale + shift, 0.0)
+        xv = tl.where(m2, _ln(xv, dmask, D, eps_mod) * scale + shift, 0.0)
     g = tl.load(lnw_ptr + d, mask=dmask, other=0.0)
     b = tl.load(lnb_ptr + d, mask=dmask, other=0.0)
-    h = _ln_rows(xv, m2, D, eps_ln) * g[None, :] + b[None, :]
+    h = _ln(xv, dmask, D, eps_ln) * g[None, :] + b[None, :]
     tl.store(hrow[:, None] + d[None, :], h.to(hrow.dtype.element_ty), mask=m2)
 
 
