@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from .errors import USER_ERRORS
+
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "train": ("lewm.train", "train a world model on HDF5 episodes"),
@@ -23,22 +25,6 @@ COMMANDS = {
     "quickstart": ("lewm.quickstart", "collect, train and evaluate TwoRoom on this machine"),
     "convert": ("lewm.convert", "reference checkpoint (weights.pt) to ours, or back"),
 }
-
-
-class UserError(Exception):
-    """Raised for anything the user got wrong; printed as one line, exit code 2."""
-
-
-def require(module: str, extra: str, feature: str, package: str | None = None):
-    """Import an optional dependency, or raise one UserError naming the extra that installs it:
-    require("imageio_ffmpeg", "video", "writing MP4")."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        pkg = package or module.split(".")[0].replace("_", "-")
-        raise UserError(f"{feature} needs the package '{pkg}', which is not installed ({e}); "
-                        f"install it with: pip install 'lewm[{extra}]' (or pip install -e '.[{extra}]' "
-                        "in a clone)") from None
 
 
 def _version() -> str:
@@ -77,11 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None) or not hasattr(args, "func"):
         parser.print_help()
         return 0 if not argv else 2
-    from .config import ConfigError
-    from .data.format import DataError
     try:
         return int(args.func(args) or 0)
-    except (UserError, DataError, ConfigError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"lewm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
@@ -95,6 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # `python -m lewm.cli` runs this file as __main__, a second copy of the module: hand over to the
-    # real `lewm.cli` so subcommands' UserError is the class caught above.
+    # real `lewm.cli`.
     from lewm.cli import main as _main
     sys.exit(_main())

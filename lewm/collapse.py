@@ -13,13 +13,12 @@ collapse costs in success rate.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import write_json
 from .config import Config, preset_names
 from .sigreg import effective_rank
 
@@ -42,7 +41,8 @@ def embedding_stats(model, ds, max_clips: int = 512, batch: int = 64) -> dict:
 def run_collapse(cfg: Config, data, out, lambdas=(0.0, 0.09), device: str = "auto", progress: bool = True,
                  env: str | None = None, episodes: int = 50) -> dict:
     """Train one run per lambda; with `env`, also plan with each under the evaluation protocol."""
-    from .train import Trainer, find_latest
+    from .checkpoint import find_latest
+    from .train import Trainer
 
     out = Path(out)
     results = {}
@@ -60,9 +60,7 @@ def run_collapse(cfg: Config, data, out, lambdas=(0.0, 0.09), device: str = "aut
             r = evaluate(find_latest(out / f"lambda_{lam:g}"), env, data, planner="fast", episodes=episodes,
                          device=device, random_baseline=False, progress=progress)
             results[f"{lam:g}"].update(success_rate=r["success_rate"], ci95=r["ci95"], episodes=r["episodes"])
-    tmp = out / ".collapse.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "collapse.json")
+    write_json(results, out / "collapse.json")
     return results
 
 
@@ -94,7 +92,7 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
-    from .cli import UserError
+    from .errors import UserError
     from .config import preset
     if args.steps <= 0:
         raise UserError(f"--steps must be positive, got {args.steps}")

@@ -16,13 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
-class ConfigError(ValueError):
-    """A config value out of range (or of the wrong type). `field` is the dotted name
-    ("train.val_frac"); the `lewm` command prints the message as one line with exit code 2."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message if field in message else f"{field}: {message}")
-        self.field, self.message = field, message
+from .errors import ConfigError, UserError
 
 
 def _check(errors: list, field: str, ok: bool, message: str) -> None:
@@ -379,3 +373,14 @@ def preset(name: str = "pusht", **overrides: Any) -> Config:
     if overrides:
         cfg = _merge(cfg, overrides, path="config")
     return cfg.validate()
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' (or None): CUDA when there is a GPU, else the CPU. A CUDA device asked for on a machine
+    without one is refused, naming the flag."""
+    import torch
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    return str(device)

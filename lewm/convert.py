@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cli import UserError
+from .errors import ConvertError, UserError
 from .config import Config, ConfigError, ModelConfig, preset, preset_names
 
 NORMALIZER = "action_normalizer.json"
@@ -64,10 +62,6 @@ EXPORT_TARGETS = {
     "mlp": "stable_worldmodel.wm.lewm.module.MLP",
     "norm": "torch.nn.BatchNorm1d",
 }
-
-
-class ConvertError(UserError, ValueError):
-    """A reference checkpoint that does not fit; the message names the file and what does not fit."""
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -561,22 +555,16 @@ def reference_config(m: ModelConfig, use_mask_token: bool = False) -> dict:
 def to_reference(model, out, generation: str = "4.x") -> Path:
     """Write `out/weights.pt` (a plain state dict, readable with weights_only=True), `out/config.json`
     (stable-worldmodel's Hydra model config) and `out/action_normalizer.json`, atomically."""
-    from .model.jepa import publish_dir
+    from .atomic import atomic_dir
     cfg = reference_config(model.cfg.model)
     state = ours_to_reference(model.state_dict(), generation)
     norm = {"mean": model.action_mean.detach().cpu().tolist(), "std": model.action_std.detach().cpu().tolist(),
             "note": "z-scored actions: the mean and std of the training data's action column (lewm export)"}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         torch.save(state, tmp / "weights.pt")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / NORMALIZER).write_text(json.dumps(norm, indent=2))
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -14,14 +14,13 @@ Each stage is skipped when its output already exists, so an interrupted quicksta
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import write_json
 from .config import preset
 
 
@@ -78,10 +77,11 @@ def time_planners(model, data_path, n_plans: int = 5, seed: int = 0) -> dict:
 
 
 def main(args) -> int:
-    from .cli import UserError
+    from .errors import UserError
     from .data.collect import collect
     from .plan.mpc import evaluate, save_results
-    from .train import Trainer, find_latest
+    from .checkpoint import find_latest
+    from .train import Trainer
 
     if (args.episodes is not None and args.episodes <= 0) or args.eval_episodes <= 0:
         raise UserError("--episodes and --eval-episodes must be positive")
@@ -132,7 +132,7 @@ def main(args) -> int:
 
     _stage("4/4 planning latency, one plan for one environment")
     from .model import LeWM
-    from .plan.mpc import resolve_device
+    from .config import resolve_device
     model = LeWM.load(latest, map_location=resolve_device(args.device))
     t = time.time()
     lat = time_planners(model, data)
@@ -151,9 +151,7 @@ def main(args) -> int:
         "planner": args.planner, "latency": lat, "timings": timings,
         "checkpoint": str(latest), "videos": saved.get("videos", []),
     }
-    tmp = out / ".quickstart.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "quickstart.json")
+    write_json(summary, out / "quickstart.json")
 
     _stage("results")
     print(f"TwoRoom success   {100 * res['success_rate']:.0f}%  (95% CI {100 * lo:.0f}-{100 * hi:.0f}%, "

@@ -19,31 +19,24 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cli import UserError
+from .checkpoint import CKPT_DIR, fault_point, find_latest, load_training, save_training, training_config
+from .distributed import init_distributed, shutdown
+from .errors import UserError
 from .config import Config, ConfigError, preset, preset_names
 from .data.dataset import BatchSampler, ClipDataset, make_loader, split_episodes, steps_per_epoch
 from .model import LeWM
-from .model.jepa import fsync_dir
 from .nvtx import nvtx_range
+from .plots import plot_curves
 from .sigreg import effective_rank
-
-CKPT_DIR = "checkpoints"
-OPTIM = "optim.safetensors"
-RNG = "rng.safetensors"
-STATE = "state.json"
-CKPT_FILES = ("model.safetensors", "config.json", OPTIM, RNG, STATE)  # what load_checkpoint reads
 
 # Config fields a resumed run may change without changing the run: how often it logs and saves, how many
 # checkpoints it keeps, how it reads the data. Anything else (steps, lr, the model, ...) changes the
@@ -57,26 +50,6 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT during training: raised after the step in progress, with what was saved."""
 
 
-def _fault_point(name: str) -> None:
-    """Deterministic fault points for the fault tests: LEWM_FAULT=NAME@K[:SIG] sends signal SIG (KILL by
-    default, or INT) to this process the K-th time (default the 1st) it reaches point NAME. Points:
-    step_mid (after the backward, before the optimizer), ckpt_mid_write, ckpt_before_rename,
-    ckpt_before_latest, ckpt_before_prune. Unset in normal use: one environment lookup."""
-    spec = os.environ.get("LEWM_FAULT")
-    if not spec:
-        return
-    where, _, sig = spec.partition(":")
-    point, _, k = where.partition("@")
-    if point != name:
-        return
-    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
-    if _FAULT_HITS[name] == int(k or 1):
-        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
-
-
-_FAULT_HITS: dict = {}
-
-
 # -- the schedule ------------------------------------------------------------------------------------
 def lr_at(step: int, total: int, base_lr: float, warmup_frac: float) -> float:
     """Linear warm-up from 0 over int(warmup_frac * total) steps (at least 1; the reference's
@@ -86,189 +59,6 @@ def lr_at(step: int, total: int, base_lr: float, warmup_frac: float) -> float:
         return base_lr * step / warm
     p = min(1.0, (step - warm) / max(1, total - warm))
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-# -- distributed -------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-# -- checkpoints -------------------------------------------------------------------------------------
-def _rng_state(device: torch.device) -> dict:
-    """Host RNGs, plus the training device's CUDA generator. Under DDP every rank is seeded alike and
-    consumes alike, so rank 0's generator state (what the checkpoint holds) is every rank's."""
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def _optim_to_flat(opt: torch.optim.Optimizer, model: torch.nn.Module) -> tuple[dict, dict]:
-    """AdamW state as flat safetensors (tensors) + JSON (everything else). Keys by parameter name."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors, meta = {}, {"param_groups": []}
-    for g in opt.param_groups:
-        meta["param_groups"].append({k: (float(v) if torch.is_tensor(v) else v)
-                                     for k, v in g.items() if k != "params"})
-    for p, st in opt.state.items():
-        for k, v in st.items():
-            key = f"{names[id(p)]}::{k}"
-            if torch.is_tensor(v):
-                tensors[key] = v.detach().contiguous().cpu()
-            else:
-                meta.setdefault("scalars", {})[key] = v
-    return tensors, meta
-
-
-def _optim_from_flat(opt: torch.optim.Optimizer, model: torch.nn.Module, tensors: dict, meta: dict) -> None:
-    params = dict(model.named_parameters())
-    for key, v in tensors.items():
-        name, k = key.split("::")
-        p = params[name]
-        st = opt.state[p]
-        if k in st and torch.is_tensor(st[k]):
-            st[k].copy_(v.to(st[k].device))
-        else:
-            # AdamW keeps `step` on the CPU unless capturable (CUDA graphs), the moments beside the param
-            st[k] = v.to("cpu") if k == "step" and not _capturable(opt) else v.to(p.device)
-    for key, v in meta.get("scalars", {}).items():
-        name, k = key.split("::")
-        opt.state[params[name]][k] = v
-
-
-def _capturable(opt) -> bool:
-    return any(g.get("capturable", False) for g in opt.param_groups)
-
-
-def save_checkpoint(out: Path, model: LeWM, opt, step: int, keep: int, extra: dict,
-                    device: torch.device = torch.device("cpu")) -> Path:
-    """out/checkpoints/step_XXXXXXXX/ with model.safetensors, config.json, optim.safetensors,
-    rng.safetensors and state.json; written to a temporary folder and renamed, then `latest` is updated
-    atomically and all but the newest `keep` checkpoints are removed. A failed write (a full disk)
-    removes the temporary folder, leaves the previous checkpoints as they were and raises UserError."""
-    root = out / CKPT_DIR
-    final = root / f"step_{step:08d}"
-    try:
-        return _save_checkpoint(root, final, model, opt, step, keep, extra, device)
-    except Exception as e:
-        if not _is_write_error(e):
-            raise
-        prev = find_latest(out)
-        full = getattr(e, "errno", None) == 28 or "os error 28" in str(e) or "No space left" in str(e)
-        why = "No space left on device (the disk is full)" if full else (getattr(e, "strerror", None) or str(e))
-        raise UserError(f"could not write checkpoint {final}: {why}; nothing was changed, the last "
-                        f"complete checkpoint is {prev if prev else 'none'}") from None
-
-
-def _is_write_error(e: Exception) -> bool:
-    """OSError, or safetensors' own error for a failed write (it wraps the OS error in its message)."""
-    return isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and "I/O error" in str(e))
-
-
-def _save_checkpoint(root, final, model, opt, step, keep, extra, device) -> Path:
-    from safetensors.torch import save_file
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp_parent = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=root))
-    try:
-        model.save(tmp_parent / "ckpt", extra=extra)
-        tensors, meta = _optim_to_flat(opt, model)
-        save_file(tensors, str(tmp_parent / "ckpt" / OPTIM))
-        _fault_point("ckpt_mid_write")
-        rng = _rng_state(device)
-        rng_t = {"torch": rng["torch"]}
-        if "cuda" in rng:
-            rng_t["cuda"] = rng["cuda"]
-        save_file(rng_t, str(tmp_parent / "ckpt" / RNG))
-        np_state = rng["numpy"]
-        state = {"step": step, "optim": meta,
-                 "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
-                               float(np_state[4])],
-                 "python_rng": [rng["python"][0], list(rng["python"][1]), rng["python"][2]]}
-        (tmp_parent / "ckpt" / STATE).write_text(json.dumps(state))
-        fsync_dir(tmp_parent / "ckpt")
-        _fault_point("ckpt_before_rename")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp_parent / "ckpt", final)
-    finally:
-        shutil.rmtree(tmp_parent, ignore_errors=True)
-    _fault_point("ckpt_before_latest")
-    latest_tmp = root / f".latest.tmp-{os.getpid()}"
-    try:
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, root / "latest")
-    finally:
-        latest_tmp.unlink(missing_ok=True)
-    _fault_point("ckpt_before_prune")
-    ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for old in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def find_latest(out: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint folder of run folder `out` (or None)."""
-    root = Path(out) / CKPT_DIR
-    if not root.exists():
-        return None
-    ptr = root / "latest"
-    if ptr.exists():
-        try:
-            cand = root / ptr.read_text().strip()
-        except OSError:
-            cand = None
-        if cand is not None and cand.name.startswith("step_") and all((cand / f).exists() for f in CKPT_FILES):
-            return cand
-    ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-                   and all((p / f).exists() for f in CKPT_FILES))
-    return ckpts[-1] if ckpts else None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint file {path} is unreadable ({e}); it is truncated or was edited: resume "
-                        "from an older checkpoint (--resume DIR) or start a new --out") from None
-    if not isinstance(d, dict):
-        raise UserError(f"checkpoint file {path} is not a JSON object; it was edited")
-    return d
-
-
-def _read_safetensors(path: Path, device="cpu") -> dict:
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as e:  # safetensors raises its own error types (SafetensorError, ...)
-        raise UserError(f"checkpoint file {path} is unreadable ({type(e).__name__}: {e}); it is truncated or "
-                        "was edited: resume from an older checkpoint (--resume DIR) or start a new --out") from None
-
-
-def checkpoint_config(path: Path) -> dict:
-    """The training config stored in checkpoint folder `path` (config.json's "config")."""
-    meta = _read_json(Path(path) / "config.json")
-    if not isinstance(meta.get("config"), dict):
-        raise UserError(f"checkpoint file {Path(path) / 'config.json'} has no \"config\" mapping; it was edited")
-    return meta["config"]
 
 
 def config_changes(saved: dict, cfg: Config) -> list[str]:
@@ -287,43 +77,6 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
             if k not in old or old[k] != v:
                 out.append(f"{name}: {old.get(k, '(absent)')!r} -> {v!r}")
     return out
-
-
-def load_checkpoint(path: Path, model: LeWM, opt, device) -> int:
-    path = Path(path)
-    for f in CKPT_FILES:
-        if not (path / f).exists():
-            raise UserError(f"checkpoint {path} is incomplete: no {f}")
-    state = _read_json(path / STATE)
-    for k in ("step", "optim", "numpy_rng", "python_rng"):
-        if k not in state:
-            raise UserError(f"checkpoint file {path / STATE} has no '{k}'; it was edited")
-    sd = _read_safetensors(path / "model.safetensors", device)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise UserError(f"checkpoint {path} does not match the model config: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    try:
-        _optim_from_flat(opt, model, _read_safetensors(path / OPTIM), state["optim"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"checkpoint file {path / OPTIM} does not match the model ({type(e).__name__}: {e}); "
-                        "it was edited or belongs to another model") from None
-    rng = _read_safetensors(path / RNG)
-    if "torch" not in rng:
-        raise UserError(f"checkpoint file {path / RNG} has no 'torch' generator state; it was edited")
-    try:
-        torch.set_rng_state(rng["torch"])
-        device = torch.device(device)
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        n = state["numpy_rng"]
-        np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-        p = state["python_rng"]
-        random.setstate((p[0], tuple(p[1]), p[2]))
-        return int(state["step"])
-    except (TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise UserError(f"checkpoint {path}: the RNG state in {RNG} / {STATE} is invalid ({e}); it was edited") \
-            from None
 
 
 # -- the step ----------------------------------------------------------------------------------------
@@ -398,14 +151,14 @@ class Trainer:
             ck = Path(resume) if isinstance(resume, str) else latest
             if ck is None:
                 raise UserError(f"--resume: no checkpoint under {self.out / CKPT_DIR}")
-            changed = config_changes(checkpoint_config(ck), cfg)
+            changed = config_changes(training_config(ck), cfg)
             if changed and not allow_config_change:
                 raise UserError(f"--resume: the config differs from checkpoint {ck}'s ({'; '.join(changed)}); "
                                 "a resumed run would not continue the same run. Use the same flags, or pass "
                                 "--allow-config-change to continue with the new values")
             if changed:
                 self.log(f"resuming with a changed config: {'; '.join(changed)}")
-            self.step = load_checkpoint(ck, self.model, self.opt, self.device)
+            self.step = load_training(ck, self.model, self.opt, self.device)
             self.log(f"resumed from {ck} at step {self.step}")
         elif latest is not None:
             raise UserError(f"--out {self.out} already holds checkpoints ({latest.name}); pass --resume to "
@@ -431,7 +184,7 @@ class Trainer:
             out = self.forward(pixels=pixels, actions=actions, directions=directions)
         with nvtx_range("backward"):
             out["loss"].backward()
-        _fault_point("step_mid")
+        fault_point("step_mid")
         with nvtx_range("optimizer"):
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
             self.opt.step()
@@ -598,7 +351,7 @@ class Trainer:
         if not self.dist.main:
             return None
         self.check_finite("before checkpoint")
-        return save_checkpoint(self.out, self.model, self.opt, self.step, self.cfg.train.keep,
+        return save_training(self.out, self.model, self.opt, self.step, self.cfg.train.keep,
                                extra={"data": str(self.data_path), "step": self.step,
                                       "total_steps": self.total_steps}, device=self.device)
 
@@ -721,35 +474,6 @@ class Trainer:
         return last
 
 
-def plot_curves(metrics: Path, png: Path) -> Path | None:
-    """A PNG of loss, prediction loss, SIGReg and effective rank over steps."""
-    recs = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
-    tr = [r for r in recs if "loss" in r]
-    va = [r for r in recs if "val_pred_loss" in r]
-    if not tr:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    s = [r["step"] for r in tr]
-    fig, ax = plt.subplots(1, 4, figsize=(16, 3.5))
-    ax[0].plot(s, [r["loss"] for r in tr]); ax[0].set_title("loss")
-    ax[1].plot(s, [r["pred_loss"] for r in tr], label="train")
-    if va:
-        ax[1].plot([r["step"] for r in va], [r["val_pred_loss"] for r in va], "o-", label="held-out")
-    ax[1].set_title("prediction loss"); ax[1].set_yscale("log"); ax[1].legend()
-    ax[2].plot(s, [r["sigreg"] for r in tr]); ax[2].set_title("SIGReg"); ax[2].set_yscale("log")
-    ax[3].plot(s, [r["eff_rank"] for r in tr]); ax[3].set_title("effective rank of z")
-    for a in ax:
-        a.set_xlabel("step")
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
-
-
 # -- the command ------------------------------------------------------------------------------------
 def config_from_args(args) -> Config:
     """Preset + the flags given (each flag maps to one config field). An out-of-range value is a
@@ -845,8 +569,5 @@ def main(args) -> int:
     if tr.dist.main:
         print(json.dumps({k: v for k, v in last.items() if k != "time"}), flush=True)
         print(f"lewm train: checkpoint {find_latest(Path(args.out))}", flush=True)
-    if tr.dist.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown(tr.dist)
     return 0

@@ -103,7 +103,8 @@ def tworoom_model(tworoom_data, tmp_path_factory):
     import json
 
     import lewm
-    from lewm.train import Trainer, find_latest
+    from lewm.checkpoint import find_latest
+    from lewm.train import Trainer
     key = hashlib.sha1(json.dumps([TWOROOM_TEST_DATA, TWOROOM_TEST_TRAIN], sort_keys=True).encode()).hexdigest()[:8]
     out = _lewm_cache_dir(tmp_path_factory, "tworoom_model") / f"run_{key}"
     ckpt = find_latest(out)

@@ -86,7 +86,7 @@ def test_range_checks_live_in_the_config():
 def test_missing_optional_package_names_the_extra(monkeypatch, tmp_path):
     """Optional features fail with one message naming the extra that installs their package."""
     import numpy as np
-    from lewm.cli import UserError
+    from lewm.errors import UserError
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # `import imageio_ffmpeg` now fails
     monkeypatch.setitem(sys.modules, "gym_pusht", None)
     from lewm.plan.mpc import save_results

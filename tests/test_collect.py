@@ -5,7 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
-from lewm.cli import UserError, main
+from lewm.cli import main
+from lewm.errors import UserError
 from lewm.data.collect import WorkerError, collect, episodes
 from lewm.data.format import DataError, inspect
 from lewm.envs.base import Env

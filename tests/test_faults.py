@@ -18,11 +18,12 @@ import pytest
 import torch
 
 import lewm
-import lewm.train as T
-from lewm.cli import UserError
+import lewm.checkpoint as C
+from lewm.errors import UserError
 from lewm.cli import main as cli
 from lewm.data.synthetic import write_synthetic
-from lewm.train import Interrupted, Trainer, find_latest
+from lewm.checkpoint import find_latest
+from lewm.train import Interrupted, Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -207,7 +208,7 @@ def sigint_default():
 @pytest.mark.usefixtures("sigint_default")
 def test_sigint_mid_step_saves_and_resume_continues_exactly(syn, uninterrupted, tmp_path, monkeypatch):
     cfg = lewm.preset("tiny", train={"steps": 12, "log_every": 4, "ckpt_every": 4})
-    monkeypatch.setattr(T, "_FAULT_HITS", {})
+    monkeypatch.setattr(C, "_FAULT_HITS", {})
     monkeypatch.setenv("LEWM_FAULT", "step_mid@6:INT")  # Ctrl-C after the backward of step 6
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(Interrupted, match=r"at step 6 of 12: checkpoint .*step_00000006 written; continue with "
@@ -224,7 +225,7 @@ def test_sigint_mid_step_saves_and_resume_continues_exactly(syn, uninterrupted, 
 @pytest.mark.usefixtures("sigint_default")
 def test_second_sigint_stops_at_once_and_says_nothing_was_saved(syn, tmp_path, monkeypatch):
     cfg = lewm.preset("tiny", train={"steps": 12, "log_every": 4, "ckpt_every": 4})
-    monkeypatch.setattr(T, "_FAULT_HITS", {})
+    monkeypatch.setattr(C, "_FAULT_HITS", {})
     monkeypatch.setenv("LEWM_FAULT", "step_mid@6:INT")
     tr = Trainer(cfg, syn, tmp_path / "r", progress=False, log=quiet)
     real = tr.recalibrate_bn
@@ -246,7 +247,7 @@ def test_ignored_sigint_stays_ignored(syn, tmp_path, monkeypatch):
     """Under nohup or as a background job SIGINT is ignored: training does not take it over."""
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        monkeypatch.setattr(T, "_FAULT_HITS", {})
+        monkeypatch.setattr(C, "_FAULT_HITS", {})
         monkeypatch.setenv("LEWM_FAULT", "step_mid@3:INT")
         cfg = lewm.preset("tiny", train={"steps": 6, "log_every": 3, "ckpt_every": 6})
         Trainer(cfg, syn, tmp_path / "r", progress=False, log=quiet).run()  # runs to the end

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import lewm
-from lewm.cli import UserError
+from lewm.errors import UserError
 from lewm.model import LeWM
 from lewm.plan import CEMPlanner, GradientPlanner, MPPIPlanner, make_planner
 from lewm.plan.gradient import rollout_last

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lewm
-from lewm.cli import UserError
+from lewm.errors import UserError
 from lewm.cli import main as cli_main
 from lewm.data.dataset import split_episodes
 from lewm.data.format import DataError, inspect

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lewm
-from lewm.cli import UserError
+from lewm.errors import UserError
 from lewm.cli import main as cli_main
 from lewm.envs import make
 from lewm.envs import tworoom as T

@@ -15,8 +15,9 @@ import torch
 import lewm
 from lewm.collapse import run_collapse
 from lewm.data.synthetic import write_synthetic
-from lewm.cli import UserError
-from lewm.train import Trainer, find_latest, load_checkpoint, lr_at
+from lewm.errors import UserError
+from lewm.checkpoint import find_latest, load_training
+from lewm.train import Trainer, lr_at
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -210,7 +211,7 @@ def test_checkpoint_completeness_includes_rng(syn, tmp_path):
     (ck / "step_00000010" / "rng.safetensors").unlink()
     assert find_latest(tmp_path / "r").name == "step_00000005"  # the incomplete one is skipped
     with pytest.raises(UserError, match=r"step_00000010 is incomplete: no rng\.safetensors"):
-        load_checkpoint(ck / "step_00000010", tr.model, tr.opt, "cpu")
+        load_training(ck / "step_00000010", tr.model, tr.opt, "cpu")
 
 
 def test_bn_statistics_are_reestimated_for_eval(syn, tmp_path):

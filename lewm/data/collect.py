@@ -39,12 +39,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..cli import UserError
+from ..errors import UserError, WorkerError
 from .format import H5Writer, episode_actions_with_nan_tail
-
-
-class WorkerError(UserError):
-    """An episode failed in a collection worker (or in-process); the message carries its error."""
 
 
 # -- building envs and policies --------------------------------------------------------------------

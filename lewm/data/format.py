@@ -36,8 +36,7 @@ INDEX_COLUMNS = ("ep_len", "ep_offset")
 CHUNK_ROWS = 100
 
 
-class DataError(ValueError):
-    """A data set the user gave is unusable; the message names the file and the column."""
+from ..errors import DataError  # noqa: E402
 
 
 @dataclass

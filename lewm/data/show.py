@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import UserError
+from ..errors import UserError
 from .format import DataError, inspect, open_h5
 
 # 3x5 bitmap digits, one string of 15 bits (rows top to bottom) per digit
@@ -68,19 +68,8 @@ def show(path, episode: int = 0, out=None, fps: float = 10.0, overlay: bool = Tr
         scale = max(1, frames.shape[1] // 100)
         for t in range(len(frames)):
             draw_number(frames[t], t, scale)
-    import imageio
-    if suffix == ".gif":
-        imageio.v3.imwrite(out, frames, duration=1000.0 / fps, loop=0)
-    else:
-        if frames.shape[1] % 2 or frames.shape[2] % 2:  # H.264 in yuv420p needs even sizes
-            frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
-        from ..cli import require
-        require("imageio_ffmpeg", "video", f"--out {out}: writing MP4 (or use .gif)")
-        w = imageio.v2.get_writer(out, fps=fps, codec="libx264", macro_block_size=1, quality=8)
-        with w:
-            for fr in frames:
-                w.append_data(fr)
-    return out
+    from ..plots import write_video
+    return write_video(frames, out, fps=fps, what=f"--out {out}")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

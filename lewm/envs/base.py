@@ -129,7 +129,7 @@ def _load_all() -> None:
 
 
 def _missing_error(env: str, err: Exception) -> Exception:
-    from ..cli import UserError
+    from ..errors import UserError
     return UserError(f"environment '{env}' needs the package '{getattr(err, 'name', None) or err}', which is "
                      "not installed; install the simulators with: pip install 'lewm[envs]' "
                      "(pip install -e '.[envs]' in a clone)")

@@ -11,11 +11,10 @@ holds the few helpers they share; the subcommands' parsers live in their modules
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 
 import numpy as np
+
+from ..errors import UserError
 
 __all__ = ["run_probe", "run_surprise"]
 
@@ -30,29 +29,23 @@ def __getattr__(name):  # the entry points are imported lazily (they pull in tor
     raise AttributeError(f"module 'lewm.evals' has no attribute '{name}'")
 
 
-def _user_error(msg: str):
-    from ..cli import UserError
-    return UserError(msg)
-
 
 # -- checkpoints and devices: the same rules as `lewm eval` ----------------------------------------------
-from ..plan.mpc import _norm_name as _norm, resolve_checkpoint, resolve_device  # noqa: E402
+from ..plan.mpc import _norm_name as _norm  # noqa: E402
 
 
 def load_model(model, device: str = "auto"):
-    """(LeWM in eval mode on `device`, checkpoint path or None). `model` is a LeWM or a path."""
+    """(LeWM in eval mode on `device`, checkpoint path or None). `model` is a LeWM or a path (any form
+    `lewm.checkpoint.resolve` takes)."""
     import torch
 
-    from ..model import LeWM
+    from ..checkpoint import load_model as _load, resolve
+    from ..config import resolve_device
     dev = resolve_device(device)
     if isinstance(model, torch.nn.Module):
         return model.to(dev).eval(), None
-    ckpt = resolve_checkpoint(model)
-    try:
-        m = LeWM.load(ckpt, map_location=dev)
-    except (FileNotFoundError, ValueError) as e:
-        raise _user_error(f"--checkpoint {ckpt}: {e}") from None
-    return m.eval(), str(ckpt)
+    ckpt = resolve(model)
+    return _load(ckpt, dev), str(ckpt)
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -64,7 +57,7 @@ def data_env_name(info, env: str | None) -> str | None:
     if env is None:
         return attr
     if attr is not None and _norm(attr) != _norm(env) and ":" not in attr:
-        raise _user_error(f"--env {env}: the data set {info.path} was collected in '{attr}' (its 'env' attribute)")
+        raise UserError(f"--env {env}: the data set {info.path} was collected in '{attr}' (its 'env' attribute)")
     return env
 
 
@@ -75,9 +68,9 @@ def heldout_split(info, cfg, split: str = "heldout") -> tuple[np.ndarray, np.nda
     if split == "all":
         return train, np.arange(info.num_episodes)
     if split != "heldout":
-        raise _user_error(f"--split must be heldout or all, got {split!r}")
+        raise UserError(f"--split must be heldout or all, got {split!r}")
     if len(held) == 0:
-        raise _user_error(f"{info.path}: no held-out episodes ({info.num_episodes} episodes, "
+        raise UserError(f"{info.path}: no held-out episodes ({info.num_episodes} episodes, "
                           f"train.val_frac {cfg.train.val_frac} in the checkpoint's config); "
                           "collect more episodes or pass --split all")
     return train, held
@@ -135,43 +128,3 @@ def encode_rows(model, path, rows: np.ndarray, batch_size: int = 256, progress: 
     if bar is not None:
         bar.close()
     return out
-
-
-def write_json(obj, path: Path) -> Path:
-    """Atomic JSON write (temporary file, then rename); NaN becomes null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2))
-    os.replace(tmp, path)
-    return path
-
-
-def save_figure(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return _jsonable(o.tolist())
-    if isinstance(o, (np.floating, float)):
-        f = float(o)
-        return f if np.isfinite(f) else None
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    if isinstance(o, Path):
-        return str(o)
-    return o

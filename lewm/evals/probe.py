@@ -39,8 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import (data_env_name, encode_rows, episode_rows, heldout_split, load_model, save_figure,
-               write_json)
+from ..atomic import write_json
+from ..errors import UserError
+from ..plots import pyplot, save_figure
+from . import data_env_name, encode_rows, episode_rows, heldout_split, load_model
 
 # The environments' probe targets, for data sets whose env module cannot be imported here (the
 # env classes' `probe_targets` are used when they can).
@@ -53,10 +55,6 @@ KNOWN_TARGETS = {
 
 _COLUMN_SPEC = re.compile(r"^(?P<col>[A-Za-z_][\w/.-]*)(\[(?P<a>-?\d*)(?P<colon>:)?(?P<b>-?\d*)\])?$")
 
-
-def _user_error(msg):
-    from ..cli import UserError
-    return UserError(msg)
 
 
 @dataclass
@@ -92,7 +90,7 @@ def env_probe_targets(env: str | None) -> dict:
     if env in KNOWN_TARGETS:
         return dict(KNOWN_TARGETS[env])
     from ..envs import env_names
-    raise _user_error(f"--env {env}: unknown environment, so no probe targets are known (known environments: "
+    raise UserError(f"--env {env}: unknown environment, so no probe targets are known (known environments: "
                       f"{', '.join(env_names())}); name data columns with --target COLUMN or COLUMN[a:b]")
 
 
@@ -102,7 +100,7 @@ def resolve_targets(info, env: str | None, targets: list[str] | None) -> list[Ta
     cols = {k: v for k, v in info.columns.items() if k not in ("pixels", "action", "ep_len", "ep_offset")}
     if not targets:
         if not known:
-            raise _user_error(f"{info.path}: no 'env' attribute, so no probe targets are known; pass --env NAME "
+            raise UserError(f"{info.path}: no 'env' attribute, so no probe targets are known; pass --env NAME "
                               "or --target COLUMN[a:b]")
         specs = list(known)
     else:
@@ -117,7 +115,7 @@ def resolve_targets(info, env: str | None, targets: list[str] | None) -> list[Ta
         m = _COLUMN_SPEC.match(s)
         if not m or m.group("col") not in cols:
             env_part = f"{env} targets: {', '.join(known)}; " if known else ""
-            raise _user_error(f"unknown probe target '{s}' ({env_part}or a data column as COLUMN or COLUMN[a:b], "
+            raise UserError(f"unknown probe target '{s}' ({env_part}or a data column as COLUMN or COLUMN[a:b], "
                               f"columns: {', '.join(sorted(cols)) or 'none'})")
         col = m.group("col")
         a, b = m.group("a"), m.group("b")
@@ -127,21 +125,21 @@ def resolve_targets(info, env: str | None, targets: list[str] | None) -> list[Ta
             sl = slice(int(a) if a else None, int(b) if b else None)
         else:
             if not a:
-                raise _user_error(f"probe target '{s}': empty index")
+                raise UserError(f"probe target '{s}': empty index")
             i = int(a)
             sl = slice(i, i + 1 if i != -1 else None)
         out.append(Target(s, col, sl))
     # the columns must exist, be numeric and give at least one dim
     for t in out:
         if t.column not in info.columns:
-            raise _user_error(f"{info.path}: probe target '{t.name}' needs column '{t.column}', which the data set "
+            raise UserError(f"{info.path}: probe target '{t.name}' needs column '{t.column}', which the data set "
                               f"lacks (columns: {', '.join(sorted(cols)) or 'none'})")
         shape, dtype = info.columns[t.column]
         if np.dtype(dtype).kind not in "fiub":
-            raise _user_error(f"{info.path}: column '{t.column}' (probe target '{t.name}') is not numeric ({dtype})")
+            raise UserError(f"{info.path}: column '{t.column}' (probe target '{t.name}') is not numeric ({dtype})")
         width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         if len(range(width)[t.sl]) == 0:
-            raise _user_error(f"{info.path}: probe target '{t.name}' selects nothing of column '{t.column}' "
+            raise UserError(f"{info.path}: probe target '{t.name}' selects nothing of column '{t.column}' "
                               f"({width} values per row)")
     return out
 
@@ -250,7 +248,7 @@ def _read_targets(path, targets: list[Target], rows: np.ndarray) -> dict:
             y = col[rows]
             if not np.isfinite(y).all():
                 bad = int((~np.isfinite(y).all(1)).sum())
-                raise _user_error(f"{path}: column '{t.column}' (probe target '{t.name}') has {bad} rows with NaN "
+                raise UserError(f"{path}: column '{t.column}' (probe target '{t.name}') has {bad} rows with NaN "
                                   "or inf among the probed rows")
             out[t.name] = y
     return out
@@ -269,9 +267,9 @@ def run_probe(checkpoint, data, env: str | None = None, targets: list[str] | Non
     t_start = time.perf_counter()
     for name, v in (("max-rows", max_rows), ("max-eval-rows", max_eval_rows)):
         if v is not None and v < 2:
-            raise _user_error(f"--{name} must be at least 2, got {v}")
+            raise UserError(f"--{name} must be at least 2, got {v}")
     if not ridge >= 0:
-        raise _user_error(f"--ridge must be >= 0, got {ridge}")
+        raise UserError(f"--ridge must be >= 0, got {ridge}")
     info = inspect(data)
     env = data_env_name(info, env)
     tgts = resolve_targets(info, env, targets)
@@ -288,7 +286,7 @@ def run_probe(checkpoint, data, env: str | None = None, targets: list[str] | Non
     stop_rows = _subsample(episode_rows(info, stop_eps), stop_cap, rng) if n_stop else fit_rows[:0]
     eval_rows = _subsample(episode_rows(info, eval_eps), max_eval_rows, rng)
     if len(fit_rows) < 2 or len(eval_rows) < 2:
-        raise _user_error(f"{info.path}: too few rows to probe ({len(fit_rows)} training, {len(eval_rows)} held-out)")
+        raise UserError(f"{info.path}: too few rows to probe ({len(fit_rows)} training, {len(eval_rows)} held-out)")
 
     all_rows = np.unique(np.concatenate([fit_rows, stop_rows, eval_rows]))
     Z_all = encode_rows(model, info.path, all_rows, progress=progress, desc="encode frames")
@@ -365,9 +363,7 @@ def format_table(results: dict, mlp: bool = True) -> str:
 
 def plot_scatter(scatter, png: Path) -> Path:
     """Predicted vs true held-out values of one target: one panel per (probe, dim)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     t, y, p_lin, p_mlp = scatter
     probes = [("linear", p_lin)] + ([("MLP", p_mlp)] if p_mlp is not None else [])
     dims = min(y.shape[1], 4)

@@ -60,14 +60,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data_env_name, heldout_split, load_model, read_pixels, save_figure, write_json
+from ..atomic import write_json
+from ..errors import UserError
+from ..plots import pyplot, save_figure
+from . import data_env_name, heldout_split, load_model, read_pixels
 
 VARIANTS = ("unperturbed", "visual", "physical")
 
-
-def _user_error(msg):
-    from ..cli import UserError
-    return UserError(msg)
 
 
 # -- perturbations per environment ---------------------------------------------------------------------
@@ -85,7 +84,7 @@ def _sample_until(rng, sample, ok, what: str, tries: int = 10_000):
         x = sample()
         if ok(x):
             return x
-    raise _user_error(f"could not place the teleported {what} (try a smaller --min-distance)")
+    raise UserError(f"could not place the teleported {what} (try a smaller --min-distance)")
 
 
 class Perturbation:
@@ -334,25 +333,25 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
     W, fs = int(model.mcfg.history), int(model.mcfg.frameskip)
     K = int(frames) if frames is not None else 2 * W + 4
     if K < W + 2:
-        raise _user_error(f"--frames must be at least history + 2 = {W + 2} (the model's history is {W}), got {K}")
+        raise UserError(f"--frames must be at least history + 2 = {W + 2} (the model's history is {W}), got {K}")
     t0 = int(t0) if t0 is not None else W + 2 if K >= W + 4 else W
     if not W <= t0 <= K - 1:
-        raise _user_error(f"--t0 must be in [{W}, {K - 1}] (after the model's {W} context frames, within "
+        raise UserError(f"--t0 must be in [{W}, {K - 1}] (after the model's {W} context frames, within "
                           f"--frames {K}), got {t0}")
     if window < 1:
-        raise _user_error(f"--window must be positive, got {window}")
+        raise UserError(f"--window must be positive, got {window}")
     window = min(int(window), K - t0)
     if trajectories < 2:
-        raise _user_error(f"--trajectories must be at least 2 (a paired t-test), got {trajectories}")
+        raise UserError(f"--trajectories must be at least 2 (a paired t-test), got {trajectories}")
     if info.action_dim != model.mcfg.action_dim:
-        raise _user_error(f"{info.path}: column 'action' has {info.action_dim} dims but the checkpoint's model has "
+        raise UserError(f"{info.path}: column 'action' has {info.action_dim} dims but the checkpoint's model has "
                           f"action_dim {model.mcfg.action_dim}")
     _, eval_eps = heldout_split(info, model.cfg, split)
     span = (K - 1) * fs + 1  # raw rows from the first to the last frame
     long_enough = [int(e) for e in eval_eps if info.ep_len[e] >= span]
     if len(long_enough) < 2:
         longest = int(info.ep_len[eval_eps].max())
-        raise _user_error(f"{info.path}: only {len(long_enough)} of the {len(eval_eps)} {split} episodes have the "
+        raise UserError(f"{info.path}: only {len(long_enough)} of the {len(eval_eps)} {split} episodes have the "
                           f"{span} rows that --frames {K} at frameskip {fs} needs (longest: {longest} rows); "
                           "lower --frames")
     rng = np.random.default_rng(seed)
@@ -371,7 +370,7 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
         min_distance = pert.default_min_distance if pert is not None else 0.0
     state_cols = [c for c in (getattr(sim, "state_columns", ()) or ()) if c in info.columns] if sim else []
     if sim is not None and not state_cols:
-        raise _user_error(f"{info.path}: none of the state columns {', '.join(sim.state_columns)} that '{env_name}' "
+        raise UserError(f"{info.path}: none of the state columns {', '.join(sim.state_columns)} that '{env_name}' "
                           "needs to re-render rows; collect the data with `lewm collect`")
 
     frame_rows = starts[:, None] + np.arange(K) * fs  # (N, K)
@@ -381,7 +380,7 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
         cols = {c: np.asarray(f[c][()]) for c in state_cols}
     acts = raw_act[act_rows]  # (N, (K-1)*fs, A)
     if not np.isfinite(acts).all():
-        raise _user_error(f"{info.path}: column 'action' has NaN or inf inside the trajectories (rows "
+        raise UserError(f"{info.path}: column 'action' has NaN or inf inside the trajectories (rows "
                           f"{int(act_rows[~np.isfinite(acts).all(-1)][0])}...)")
 
     # frames (N, V, K, H, W, 3)
@@ -398,7 +397,7 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
         flat[order[pos]] = block
     flat = flat.reshape(N, K, *info.image_shape)  # the data set's own frames of the trajectories
     if flat.shape[2:4] != (size, size):
-        raise _user_error(f"{info.path}: column 'pixels' must hold square frames, got {flat.shape[2:4]}")
+        raise UserError(f"{info.path}: column 'pixels' must hold square frames, got {flat.shape[2:4]}")
     if sim is None:
         px[:, 0] = flat
         px[:, 1] = flat
@@ -488,9 +487,7 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
 
 def plot_frames(px: np.ndarray, variants: list[str], t0: int, png: Path) -> Path:
     """The first trajectory's frames (V, K, H, W, 3): one row per variant, t0 marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     V, K = px.shape[:2]
     fig, axes = plt.subplots(V, K, figsize=(1.3 * K, 1.4 * V), squeeze=False)
     for v in range(V):
@@ -530,9 +527,7 @@ def format_table(res: dict) -> str:
 
 
 def plot_surprise(res: dict, png: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = np.asarray(res["steps"])
     colours = {"unperturbed": "tab:blue", "visual": "tab:orange", "physical": "tab:red"}
@@ -582,7 +577,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def main(args) -> int:
     if args.min_distance is not None and not args.min_distance >= 0:
-        raise _user_error(f"--min-distance must be >= 0, got {args.min_distance}")
+        raise UserError(f"--min-distance must be >= 0, got {args.min_distance}")
     res = run_surprise(args.checkpoint, args.data, env=args.env, out=args.out, device=args.device,
                        frames=args.frames, t0=args.t0, window=args.window, trajectories=args.trajectories,
                        split=args.split, seed=args.seed, min_distance=args.min_distance,

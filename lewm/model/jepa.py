@@ -11,10 +11,7 @@ carries what planning needs to map plans back to raw actions.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,9 +23,6 @@ from ..nvtx import nvtx_range
 from ..sigreg import SIGReg
 from .encoder import Encoder, MLPProjector
 from .predictor import ActionEncoder, Predictor
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 
 
 class LeWM(nn.Module):
@@ -171,27 +165,12 @@ class LeWM(nn.Module):
         c["total"] = sum(c.values())
         return c
 
-    # -- checkpoints: safetensors + JSON, loaded without executing code -----------------------------
+    # -- checkpoints: safetensors + JSON, loaded without executing code (lewm/checkpoint.py) ------------
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
         """Write `path/model.safetensors` and `path/config.json` atomically (a temporary folder
-        renamed into place)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS))
-            meta = {"config": self.cfg.to_dict(), "format": "lewm/1"}
-            if extra:
-                meta.update(extra)
-            (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            publish_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        renamed into place). `extra`: more JSON fields for config.json."""
+        from ..checkpoint import write_model
+        return write_model(path, self.state_dict(), self.cfg.to_dict(), extra)
 
     @classmethod
     def from_reference(cls, path: str | os.PathLike, data: str | os.PathLike | None = None, **kw) -> "LeWM":
@@ -203,57 +182,14 @@ class LeWM(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "LeWM":
-        """Load a folder written by `save` (or a training checkpoint folder). No pickle."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if path.is_file():
-            path = path.parent
-        cfg_file, w_file = path / CONFIG, path / WEIGHTS
-        for f in (cfg_file, w_file):
-            if not f.exists():
-                raise FileNotFoundError(f"checkpoint {path} has no {f.name}")
-        try:
-            meta = json.loads(cfg_file.read_text())
-            cfg = Config.from_dict(meta["config"])
-        except (json.JSONDecodeError, KeyError, ValueError) as e:
-            raise ValueError(f"checkpoint config {cfg_file} is unreadable: {e}") from None
+        """Load a checkpoint folder written by `save`, a file inside one, or a training run folder (its
+        latest checkpoint), in eval mode. No pickle; a format version this lewm does not read is refused."""
+        from ..checkpoint import read_model
+        from ..errors import CheckpointError
+        cfg, state, _meta, ckpt = read_model(path, map_location)
         model = cls(cfg)
-        try:
-            state = load_file(str(w_file), device=str(map_location))
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"checkpoint weights {w_file} are unreadable: {e}") from None
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"checkpoint {w_file} does not match its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise CheckpointError(f"checkpoint {ckpt / 'model.safetensors'} does not match its config: missing "
+                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
         return model.to(map_location).eval()
-
-
-def publish_dir(tmp: Path, path: Path) -> None:
-    """Put the finished folder `tmp` in place as `path` (fsynced first): a rename, with an existing
-    `path` moved aside and removed only once the new one is in place."""
-    fsync_dir(tmp)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
-def fsync_dir(d: Path) -> None:
-    """fsync every file in folder `d`, then the folder itself (before renaming it into place)."""
-    for f in d.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass

@@ -76,7 +76,7 @@ def _fmt_ci(r: dict) -> str:
 
 
 def main(args) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
     from .mpc import evaluate, save_results
 
     for flag in ("episodes", "goal_offset", "budget", "samples", "iterations", "elites", "receding_horizon",

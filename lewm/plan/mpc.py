@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli import UserError, require
+from ..atomic import write_text
+from ..checkpoint import load_model, read_config, read_meta, resolve
+from ..config import resolve_device
+from ..errors import UserError, require
 from ..config import Config
 from ..model import LeWM
 from .cem import CEMPlanner, Planner, PlanResult
@@ -196,34 +198,6 @@ class EvalSetup:
     notes: list[str] = field(default_factory=list)
     pool: np.ndarray | None = None  # every qualifying start row (replacements are drawn from it)
     goal_offset: int = 25
-
-
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder (model.safetensors + config.json), a file inside one, or a training run
-    folder (its latest checkpoint)."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"--checkpoint {p}: not found")
-    if p.is_file():
-        p = p.parent
-    if not (p / "model.safetensors").exists() and (p / "checkpoints").is_dir():
-        from ..train import find_latest
-        latest = find_latest(p)
-        if latest is None:
-            raise UserError(f"--checkpoint {p}: the run folder has no complete checkpoint under checkpoints/")
-        p = latest
-    for f in ("config.json", "model.safetensors"):
-        if not (p / f).exists():
-            raise UserError(f"--checkpoint {p}: not a checkpoint (no {f})")
-    return p
-
-
-def read_checkpoint_config(ckpt: Path) -> Config:
-    try:
-        meta = json.loads((ckpt / "config.json").read_text())
-        return Config.from_dict(meta["config"])
-    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"--checkpoint {ckpt}: config.json is unreadable: {e}") from None
 
 
 def _norm_name(s: str) -> str:
@@ -518,24 +492,10 @@ def _resolve_model(model, device: str) -> tuple[Config, Any, str | None, dict]:
     if isinstance(model, torch.nn.Module):
         meta = {"source": model.reference_source} if getattr(model, "reference_source", None) else {}
         return model.cfg, (lambda: model), None, meta
-    ckpt = resolve_checkpoint(model)
-    cfg = read_checkpoint_config(ckpt)
-    meta = json.loads((ckpt / "config.json").read_text())
-
-    def load():
-        try:
-            return LeWM.load(ckpt, map_location=device)
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"--checkpoint {ckpt}: {e}") from None
-    return cfg, load, str(ckpt), meta
-
-
-def resolve_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    return str(device)
+    ckpt = resolve(model)
+    cfg = read_config(ckpt)
+    meta = read_meta(ckpt, "--checkpoint")
+    return cfg, (lambda: load_model(ckpt, device)), str(ckpt), meta
 
 
 # -- what the episodes are: already solved, drawn from the checkpoint's own data ----------------------
@@ -740,8 +700,7 @@ def save_results(results: dict, out, video_format: str = "gif", fps: int = 10) -
     clean = {k: v for k, v in results.items() if not k.startswith("_")}  # _videos, _actions: not JSON
     paths = []
     if videos:
-        import imageio.v2 as iio2
-        import imageio.v3 as iio3
+        from ..plots import write_video
         if video_format == "mp4":
             require("imageio_ffmpeg", "video", "--video-format mp4 (or use gif)")
         vd = out / "videos"
@@ -749,28 +708,16 @@ def save_results(results: dict, out, video_format: str = "gif", fps: int = 10) -
         for ep, frames in sorted(videos.items()):
             f = vd / f"episode_{ep:03d}.{video_format}"
             frames = list(frames) + [frames[-1]] * max(1, fps // 2)  # hold the last frame half a second
-            tmp = f.with_name(f".{f.stem}.tmp-{os.getpid()}{f.suffix}")
             try:
-                if video_format == "gif":
-                    iio3.imwrite(tmp, np.stack(frames), duration=1000.0 / fps, loop=0)  # pillow: ms per frame
-                else:  # mp4 through imageio-ffmpeg
-                    iio2.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
-                os.replace(tmp, f)
+                write_video(frames, f, fps=fps, what="--video-format mp4")
             except OSError as e:
-                tmp.unlink(missing_ok=True)
                 raise UserError(f"could not write video {f}: {e.strerror or e}; results.json was not "
                                 "changed") from None
             paths.append(str(f))
     clean["videos"] = paths
-    tmp = out / f".results.json.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(clean, indent=2))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out / "results.json")
+        write_text(json.dumps(clean, indent=2), out / "results.json")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         prev = "the previous one is intact" if (out / "results.json").exists() else "none was written"
         raise UserError(f"could not write {out / 'results.json'}: {e.strerror or e}"
                         f"{' (the disk is full)' if e.errno == 28 else ''}; {prev}") from None
