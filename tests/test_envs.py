@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lewm.envs import env_names, make
-from lewm.envs.policies import make_policy, policy_names
+from lewm.envs import make_policy, policy_names
 
 
 def rollout(env, policy, seed, steps, render=True):
@@ -339,3 +339,30 @@ def test_tworoom_reference_frames_equal_resizing_the_whole_canvas():
             xy = rng.uniform(-30, 254, 2) if k % 2 else rng.choice(edges, 2) + rng.uniform(-1.5, 1.5, 2)
             want = np.asarray(Image.fromarray(T.draw(xy, T.CANVAS)).resize((size, size), Image.BILINEAR))
             assert np.array_equal(T.draw_reference(xy, size), want), (size, xy)
+
+
+def test_the_registry_alone_lists_envs_policies_probe_targets_and_perturbations():
+    """An environment is one file: everything collect, probe and surprise need comes from its class,
+    and the registry finds every module of lewm/envs without a hand-kept list."""
+    import pkgutil
+
+    import lewm.envs
+    from lewm.envs import base, env_class, env_names
+    files = {m.name for m in pkgutil.iter_modules(lewm.envs.__path__)} - base._NOT_ENVS
+    assert set(env_names()) == files == {"tworoom", "pusht", "cube", "reacher"}
+    table = {}
+    for name in env_names():
+        cls = env_class(name)
+        assert cls is not None and issubclass(cls, base.Env) and cls.name == name
+        assert cls.policies and all(issubclass(p, base.Policy) for p in cls.policies.values())
+        assert cls.probe_targets and all(isinstance(c, str) and isinstance(s, slice)
+                                         for c, s in cls.probe_targets.values())
+        # every probe target's column is one the env writes
+        assert {c for c, _ in cls.probe_targets.values()} <= set(cls.state_columns), name
+        assert cls.teleport is not base.Env.teleport and cls.physical_doc and cls.visual_doc
+        table[name] = (list(cls.policies), sorted(cls.probe_targets))
+    assert table["tworoom"] == (["expert", "random"], ["agent"])
+    assert table["pusht"] == (["pusher", "random"], ["agent", "angle", "block"])
+    assert table["cube"][0][0] == "oracle" and table["reacher"][0][0] == "random"
+    from lewm.evals.probe import env_probe_targets
+    assert env_probe_targets("reacher") == env_class("reacher").probe_targets

@@ -93,7 +93,7 @@ def run_episode(env, policy, ep_seed: int, max_steps: int, ep_idx: int = 0, rend
 
 
 def _resolve(env_spec: str, image_size: int, env_kwargs, policy, noise):
-    from ..envs.policies import make_policy
+    from ..envs.base import make_policy
     env = build_env(env_spec, image_size, env_kwargs)
     try:
         pol = make_policy(env, policy, noise)
@@ -210,7 +210,7 @@ def collect(env, episodes: int, out, image_size: int = 224, seed: int = 0, worke
             overwrite: bool = False, policy: str | None = None, noise: float | None = None,
             max_steps: int | None = None, progress: bool = True, env_kwargs: dict | None = None) -> Path:
     """Collect `episodes` episodes of `env` (a registered name, 'module:Factory' or an Env instance)
-    with `policy` (default per env, see lewm.envs.policies) into the HDF5 file `out`; returns its path.
+    with `policy` (default per env, each env class's `policies`) into the HDF5 file `out`; returns its path.
     Raises UserError (one line naming the flag or file) before any work on bad input, and
     WorkerError if an episode fails; nothing is left under `out` (nor a temporary file) on failure."""
     _check_env_name(env)

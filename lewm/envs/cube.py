@@ -45,9 +45,8 @@ import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from .base import Env, register  # noqa: E402
-from .policies import Policy  # noqa: E402
-from .reacher import mujoco_frame  # noqa: E402
+from .base import Env, Policy, RandomPolicy, copy_row, far_enough, register, sample_until  # noqa: E402
+from .mujoco_render import mujoco_frame, recolour_geoms  # noqa: E402
 
 GYM_ID = "visual-cube-single-v0"
 SUCCESS_DIST = 0.04
@@ -79,6 +78,13 @@ class CubeEnv(Env):
     action_dim = 5
     state_columns = ("qpos", "qvel", "proprio", "cube_pos", "cube_quat", "target_pos", "target_quat")
     probe_targets = {"cube": ("cube_pos", slice(0, 3))}
+    visual_doc = "the cube (pink-red) is rendered blue from t0 on (its geom colour, restored after rendering)"
+    physical_doc = ("at t0 the cube jumps to a random (x, y) of OGBench's cube sampling area on the table, at "
+                    "least --min-distance m from where it was, upright and at rest; then the recorded actions")
+    default_min_distance = 0.1
+    RECOLOUR_GEOMS, RECOLOUR_RGBA = ("object_0",), (0.2, 0.4, 0.95, 1.0)
+    SAMPLING_BOUNDS = np.array([[0.3, -0.3], [0.55, 0.3]])  # OGBench's _object_sampling_bounds (x, y), m
+    REST_Z = 0.02
     stop_on_success = False
     default_max_steps = 200
     packages = ("gymnasium", "ogbench", "mujoco", "dm_control")  # versions recorded in collected files
@@ -179,6 +185,26 @@ class CubeEnv(Env):
         return float(np.linalg.norm(self.cube_pos() - self.target_pos())) <= SUCCESS_DIST
 
 
+    def teleport(self, row, rng, min_distance):
+        j = self.model.joint("object_joint_0")
+        qa, va = int(np.asarray(j.qposadr).reshape(-1)[0]), int(np.asarray(j.dofadr).reshape(-1)[0])
+        bounds = getattr(self.og, "_object_sampling_bounds", self.SAMPLING_BOUNDS)
+        qpos = np.asarray(row["qpos"], float).reshape(-1).copy()
+        qvel = np.asarray(row["qvel"], float).reshape(-1).copy() if "qvel" in row else np.zeros(self.model.nv)
+        old = qpos[qa:qa + 2]
+        xy = sample_until(rng, lambda: rng.uniform(bounds[0], bounds[1]),
+                          lambda p: far_enough(p, old, min_distance), "cube")
+        qpos[qa:qa + 3] = [xy[0], xy[1], self.REST_Z]
+        qpos[qa + 3:qa + 7] = [1.0, 0.0, 0.0, 0.0]
+        qvel[va:va + 6] = 0.0
+        out = copy_row(row)
+        out.update(qpos=qpos, qvel=qvel, cube_pos=qpos[qa:qa + 3].copy(), cube_quat=qpos[qa + 3:qa + 7].copy())
+        return out
+
+    def recolour(self):
+        return recolour_geoms(self.model, self.RECOLOUR_GEOMS, self.RECOLOUR_RGBA)
+
+
 class CubeOracle(Policy):
     """OGBench's Markov oracle for cube pick-and-place (ogbench.manipspace.oracles.markov.
     cube_markov.CubeMarkovOracle, the reference's expert) plus Gaussian noise (default 0.1). When
@@ -214,3 +240,6 @@ class CubeOracle(Policy):
         if self.oracle.done:
             self.env.og.set_new_target(return_info=False)
             self._reset_oracle()
+
+
+CubeEnv.policies = {"oracle": CubeOracle, "random": RandomPolicy}  # the first is the default

@@ -30,6 +30,7 @@ bilinear, which aliases at 64 px).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
@@ -39,8 +40,7 @@ import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from .base import Env, register  # noqa: E402
-from .policies import Policy  # noqa: E402
+from .base import Env, Policy, RandomPolicy, copy_row, far_enough, register, sample_until  # noqa: E402
 
 ACTION_SCALE = 50.0
 WORLD = 512.0
@@ -67,6 +67,12 @@ class PushTEnv(Env):
     state_columns = ("state", "proprio", "block_vel")
     probe_targets = {"agent": ("state", slice(0, 2)), "block": ("state", slice(2, 4)),
                      "angle": ("state", slice(4, 5))}
+    visual_doc = "the T block is drawn orange instead of slate grey from t0 on (re-rendered by the env)"
+    physical_doc = ("at t0 the block jumps to a random pose (x, y uniform in [100, 400), angle uniform), at "
+                    "least --min-distance px (512 px world) from where it was and 100 px clear of the agent, at "
+                    "rest; then the physics runs on with the recorded actions")
+    default_min_distance = 80.0
+    RECOLOUR = (255, 140, 0)
     stop_on_success = False
     default_max_steps = 150
     packages = ("gymnasium", "gym-pusht", "pymunk", "pygame", "shapely", "opencv-python",
@@ -208,6 +214,35 @@ class PushTEnv(Env):
         return pos < POS_TOL and ang < ANGLE_TOL
 
 
+    def teleport(self, row, rng, min_distance):
+        s = np.asarray(row["state"], float).reshape(-1).copy()
+        agent, old = s[:2], s[2:4]
+        xy = sample_until(rng, lambda: rng.uniform(100.0, 400.0, 2),
+                          lambda q: far_enough(q, old, min_distance) and far_enough(q, agent, 100.0), "block")
+        s[2:4] = xy
+        s[4] = rng.uniform(0.0, 2 * np.pi)
+        out = copy_row(row)
+        out["state"] = s
+        out["block_vel"] = np.zeros(3)
+        return out
+
+    @contextlib.contextmanager
+    def _recolour(self):
+        import pygame
+        shapes = list(self.gym.block.shapes)
+        old = [s.color for s in shapes]
+        try:
+            for s in shapes:
+                s.color = pygame.Color(*self.RECOLOUR)
+            yield
+        finally:
+            for s, c in zip(shapes, old):
+                s.color = c
+
+    def recolour(self):
+        return self._recolour()
+
+
 # -- the scripted pusher ---------------------------------------------------------------------------
 # Contact candidates on the T's outline in body coordinates: (point, outward normal). The T is a
 # 120x30 bar (x in [-60,60], y in [0,30]) and a 30x90 stem (x in [-15,15], y in [30,120]).
@@ -323,3 +358,6 @@ class PushTPusher(Policy):
         r = max(_BLOCK_CLEAR + 10.0, float(np.linalg.norm(ra)))
         a2 = ang_a + step
         return np.clip(centre + r * np.array([np.cos(a2), np.sin(a2)]), _REACH_LO, _REACH_HI)
+
+
+PushTEnv.policies = {"pusher": PushTPusher, "random": RandomPolicy}  # the first is the default

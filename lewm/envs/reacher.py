@@ -33,49 +33,11 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np  # noqa: E402
 
-from .base import Env, register  # noqa: E402
-from .policies import Policy  # noqa: E402
+from .base import Env, Policy, RandomPolicy, copy_row, register, sample_until  # noqa: E402
+from .mujoco_render import mujoco_frame, recolour_geoms  # noqa: E402
 
 JOINT_TOL = 0.1
 WRIST_LIMIT = np.deg2rad(160.0)
-
-_RENDERERS: dict = {}
-
-
-def mujoco_frame(model, data, size: int, camera, fast: bool = True, share: str | None = None) -> np.ndarray:
-    """(size, size, 3) uint8 frame of `data` from `camera`. One renderer per (model, size, fast),
-    kept for the life of the process (never closed: see the module docstring). With `share`, one
-    renderer per (share, size, fast) serves every model built from the same description (their
-    meshes, textures and materials must be identical; the frame comes from `data`)."""
-    import mujoco
-    key = (share or id(model), int(size), bool(fast))
-    if key not in _RENDERERS:
-        vis = model.vis.global_
-        vis.offwidth = max(int(vis.offwidth), int(size))
-        vis.offheight = max(int(vis.offheight), int(size))
-        r = mujoco.Renderer(model, int(size), int(size))
-        if fast:
-            for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
-                         mujoco.mjtRndFlag.mjRND_SKYBOX):
-                r.scene.flags[flag] = 0
-        if not _RENDERERS:
-            import atexit
-            atexit.register(_close_renderers)  # runs before mujoco.egl's eglTerminate (LIFO)
-        _RENDERERS[key] = (r, model)  # keep the model alive with its renderer
-    renderer = _RENDERERS[key][0]
-    renderer.update_scene(data, camera=camera)
-    return renderer.render().copy()
-
-
-def _close_renderers() -> None:
-    """At interpreter exit only: free the renderers while EGL is still up (no noise at exit)."""
-    while _RENDERERS:
-        _, (r, _model) = _RENDERERS.popitem()
-        try:
-            r.close()
-        except Exception:
-            pass
-
 
 _MODEL = None
 
@@ -103,6 +65,11 @@ class ReacherEnv(Env):
     action_dim = 2
     state_columns = ("qpos", "qvel", "target_qpos")
     probe_targets = {"joints": ("qpos", slice(0, 2))}
+    visual_doc = "the arm (arm, hand and finger geoms) is rendered green from t0 on"
+    physical_doc = ("at t0 both joints jump to a random configuration (shoulder uniform, wrist in its range), "
+                    "at least --min-distance rad away in the larger joint change, at rest; then the recorded actions")
+    default_min_distance = 0.5
+    RECOLOUR_GEOMS, RECOLOUR_RGBA = ("arm", "hand", "finger"), (0.1, 0.85, 0.2, 1.0)
     stop_on_success = False
     default_max_steps = 200
     packages = ("mujoco", "dm_control")  # versions recorded in collected files
@@ -180,6 +147,19 @@ class ReacherEnv(Env):
         return bool((self.joint_errors() < JOINT_TOL).all())
 
 
+    def teleport(self, row, rng, min_distance):
+        old = np.asarray(row["qpos"], float).reshape(-1)[:2]
+        q = sample_until(rng, lambda: self.sample_qpos(rng),
+                         lambda p: float(np.abs(_wrap(p - old)).max()) >= min_distance, "arm")
+        out = copy_row(row)
+        out["qpos"] = q
+        out["qvel"] = np.zeros(2)
+        return out
+
+    def recolour(self):
+        return recolour_geoms(self.model, self.RECOLOUR_GEOMS, self.RECOLOUR_RGBA)
+
+
 class ReacherExpert(Policy):
     """A PD controller to the target configuration: a = clip(kp * wrapped error - kd * qvel),
     plus Gaussian noise (default 0.3)."""
@@ -192,3 +172,6 @@ class ReacherExpert(Policy):
         err = env.target_qpos - env.data.qpos
         err[0] = _wrap(err[0])  # the shoulder turns freely; the wrist must go the long way round
         return np.clip(self.KP * err - self.KD * env.data.qvel, -1.0, 1.0)
+
+
+ReacherEnv.policies = {"random": RandomPolicy, "expert": ReacherExpert}  # the first (the reference's data) is the default

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Env, register
+from .base import Env, Policy, RandomPolicy, copy_row, far_enough, register, sample_until
 
 CANVAS = 224
 BORDERS = ((10.0, 14.0), (210.0, 214.0))  # half-open intervals, both axes
@@ -211,6 +211,10 @@ class TwoRoomEnv(Env):
     action_dim = 2
     state_columns = ("proprio", "state")
     probe_targets = {"agent": ("proprio", slice(0, 2))}
+    visual_doc = "the red agent turns green from t0 on (R and G channels swapped in the frames; exact)"
+    physical_doc = ("at t0 the agent jumps to a uniform random position outside the wall zone, at least "
+                    "--min-distance canvas px (224 px canvas) from where it was; then the recorded actions")
+    default_min_distance = 50.0
     stop_on_success = True  # the reference terminates TwoRoom episodes at the target
     default_max_steps = 100
     packages = ("numpy",)  # versions recorded in collected files
@@ -285,3 +289,36 @@ class TwoRoomEnv(Env):
     def success(self) -> bool:
         return self.distance() < SUCCESS_DIST
 
+    def teleport(self, row, rng, min_distance):
+        old = np.asarray(row["proprio"], float).reshape(-1)[:2]
+        new = sample_until(rng, lambda: rng.uniform(SAMPLE_LO, SAMPLE_HI, 2),
+                           lambda p: not _in_wall_zone(p[0]) and far_enough(p, old, min_distance), "agent")
+        out = copy_row(row)
+        out["proprio"] = out["proprio"].reshape(-1)
+        out["proprio"][:2] = new
+        if "state" in out:
+            out["state"] = out["state"].reshape(-1)
+            out["state"][:2] = new
+        return out
+
+
+class TwoRoomExpert(Policy):
+    """Door-seeking expert (reference.md section 9): if the target is in the other room, head for
+    the door centre (112, 49) until within 10.5 px of it, then head for the target; the action is
+    the unit vector towards the waypoint. Noise 2.0: the reference's ExpertPolicy(action_noise=2.0)."""
+    name = "expert"
+    default_noise = 2.0
+
+    def act(self) -> np.ndarray:
+        agent, target = self.env.agent, self.env.target
+        waypoint = target
+        if (agent[0] > WALL_CENTER) != (target[0] > WALL_CENTER):
+            door = np.array([WALL_CENTER, DOOR_CENTER])
+            if np.linalg.norm(door - agent) > DOOR_REACH:
+                waypoint = door
+        d = waypoint - agent
+        n = float(np.linalg.norm(d))
+        return d / n if n > 1e-8 else np.zeros(2)
+
+
+TwoRoomEnv.policies = {"expert": TwoRoomExpert, "random": RandomPolicy}  # the first is the default

@@ -44,15 +44,6 @@ from ..errors import UserError
 from ..plots import pyplot, save_figure
 from . import data_env_name, encode_rows, episode_rows, heldout_split, load_model
 
-# The environments' probe targets, for data sets whose env module cannot be imported here (the
-# env classes' `probe_targets` are used when they can).
-KNOWN_TARGETS = {
-    "pusht": {"agent": ("state", slice(0, 2)), "block": ("state", slice(2, 4)), "angle": ("state", slice(4, 5))},
-    "tworoom": {"agent": ("proprio", slice(0, 2))},
-    "cube": {"cube": ("cube_pos", slice(0, 3))},
-    "reacher": {"joints": ("qpos", slice(0, 2))},
-}
-
 _COLUMN_SPEC = re.compile(r"^(?P<col>[A-Za-z_][\w/.-]*)(\[(?P<a>-?\d*)(?P<colon>:)?(?P<b>-?\d*)\])?$")
 
 
@@ -73,23 +64,20 @@ def env_probe_targets(env: str | None) -> dict:
     """name -> (column, slice) for environment `env` (its class's `probe_targets`)."""
     if env is None:
         return {}
-    try:
-        from ..envs import base
-        if ":" in env:  # a user's 'package.module:Factory' (as lewm collect takes)
-            import importlib
-            mod, _, attr = env.partition(":")
+    from ..envs.base import env_class, env_names
+    cls = None
+    if ":" in env:  # a user's 'package.module:Factory' (as lewm collect takes)
+        import importlib
+        mod, _, attr = env.partition(":")
+        try:
             cls = getattr(importlib.import_module(mod), attr)
-        else:
-            base.env_names()  # imports the env modules (registers them)
-            cls = base._REGISTRY.get(env)
-        t = getattr(cls, "probe_targets", None)
-        if isinstance(t, dict) and t:
-            return dict(t)
-    except Exception:  # an env module that fails to import: fall back to the table above
-        pass
-    if env in KNOWN_TARGETS:
-        return dict(KNOWN_TARGETS[env])
-    from ..envs import env_names
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"--env {env}: cannot import it ({e})") from None
+    else:
+        cls = env_class(env)  # the env modules import without their simulators
+    t = getattr(cls, "probe_targets", None)
+    if isinstance(t, dict) and t:
+        return dict(t)
     raise UserError(f"--env {env}: unknown environment, so no probe targets are known (known environments: "
                       f"{', '.join(env_names())}); name data columns with --target COLUMN or COLUMN[a:b]")
 

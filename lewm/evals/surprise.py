@@ -26,21 +26,10 @@ three:
                  from where it was) and the simulator is stepped on from there with the recorded
                  raw actions (a single discontinuity at t0; the motion after it is physical)
 
-What each perturbation does per environment (frames are rendered by the env at the data set's
-image size via set_state_from_row, so all three variants come from the same renderer):
-
-    tworoom  visual: the red agent turns green (R and G channels swapped in the frames from t0;
-             exact, as the agent is the only coloured thing in the scene).
-             physical: the agent is moved to a uniform random position outside the wall zone.
-    pusht    visual: the T block is drawn orange instead of slate grey (its pymunk shapes' colour,
-             restored after rendering).
-             physical: the block gets a random pose (x, y in [100, 400), angle uniform) clear of the
-             agent, at rest.
-    cube     visual: the cube's geom colour (pink-red) becomes blue while rendering.
-             physical: the cube is placed at a random (x, y) of OGBench's sampling area on the
-             table, resting, upright, at rest.
-    reacher  visual: the arm (arm, hand, finger geoms) turns green.
-             physical: both joints jump to a random configuration (zero velocity).
+What each perturbation does is the environment's own: `Env.teleport` and `Env.recolour`, described by
+its `visual_doc` and `physical_doc` (lewm/envs/<env>.py; `lewm surprise --help` lists them). Frames
+are rendered by the env at the data set's image size via set_state_from_row, so all three variants
+come from the same renderer.
 
 Without a simulator for the data set (an unknown env, or its package missing) frames come from the
 data set, the physical variant is left out and the visual one swaps the R and G channels.
@@ -62,190 +51,12 @@ import numpy as np
 
 from ..atomic import write_json
 from ..errors import UserError
+from ..envs.base import Env, swap_red_green
 from ..plots import pyplot, save_figure
 from . import data_env_name, heldout_split, load_model, read_pixels
 
 VARIANTS = ("unperturbed", "visual", "physical")
 
-
-
-# -- perturbations per environment ---------------------------------------------------------------------
-def swap_red_green(frames: np.ndarray) -> np.ndarray:
-    """(..., 3) uint8 frames with the R and G channels swapped (red <-> green; greys unchanged)."""
-    return frames[..., [1, 0, 2]]
-
-
-def _far_enough(a, b, d) -> bool:
-    return float(np.linalg.norm(np.asarray(a, float) - np.asarray(b, float))) >= d
-
-
-def _sample_until(rng, sample, ok, what: str, tries: int = 10_000):
-    for _ in range(tries):
-        x = sample()
-        if ok(x):
-            return x
-    raise UserError(f"could not place the teleported {what} (try a smaller --min-distance)")
-
-
-class Perturbation:
-    """How one environment is perturbed. `teleport(env, row, rng, min_distance)` returns a modified
-    copy of a row (restored with env.set_state_from_row); `colour(env)` is a context manager under
-    which env.render draws the recoloured scene, or None when `recolour_frames` does it in pixels."""
-    name = "generic"
-    visual_doc = "R and G channels swapped in the frames from t0 (the data set's pixels)"
-    physical_doc = None
-    default_min_distance = 0.0
-
-    def teleport(self, env, row: dict, rng: np.random.Generator, min_distance: float) -> dict:
-        raise NotImplementedError
-
-    def colour(self, env):
-        return None
-
-    def recolour_frames(self, frames: np.ndarray) -> np.ndarray:
-        return swap_red_green(frames)
-
-
-class TwoRoomPerturbation(Perturbation):
-    name = "tworoom"
-    visual_doc = "the red agent turns green from t0 on (R and G channels swapped in the frames; exact)"
-    physical_doc = ("at t0 the agent jumps to a uniform random position outside the wall zone, at least "
-                    "--min-distance canvas px (224 px canvas) from where it was; then the recorded actions")
-    default_min_distance = 50.0
-
-    def teleport(self, env, row, rng, min_distance):
-        from ..envs import tworoom as T
-        old = np.asarray(row["proprio"], float).reshape(-1)[:2]
-        new = _sample_until(rng, lambda: rng.uniform(T.SAMPLE_LO, T.SAMPLE_HI, 2),
-                            lambda p: not T._in_wall_zone(p[0]) and _far_enough(p, old, min_distance), "agent")
-        out = {k: np.array(v, dtype=float, copy=True) for k, v in row.items()}
-        out["proprio"] = out["proprio"].reshape(-1)
-        out["proprio"][:2] = new
-        if "state" in out:
-            out["state"] = out["state"].reshape(-1)
-            out["state"][:2] = new
-        return out
-
-
-class PushTPerturbation(Perturbation):
-    name = "pusht"
-    visual_doc = "the T block is drawn orange instead of slate grey from t0 on (re-rendered by the env)"
-    physical_doc = ("at t0 the block jumps to a random pose (x, y uniform in [100, 400), angle uniform), at "
-                    "least --min-distance px (512 px world) from where it was and 100 px clear of the agent, at "
-                    "rest; then the physics runs on with the recorded actions")
-    default_min_distance = 80.0
-    COLOUR = (255, 140, 0)
-
-    def teleport(self, env, row, rng, min_distance):
-        s = np.asarray(row["state"], float).reshape(-1).copy()
-        agent, old = s[:2], s[2:4]
-        xy = _sample_until(rng, lambda: rng.uniform(100.0, 400.0, 2),
-                           lambda p: _far_enough(p, old, min_distance) and _far_enough(p, agent, 100.0), "block")
-        s[2:4] = xy
-        s[4] = rng.uniform(0.0, 2 * np.pi)
-        out = {k: np.array(v, dtype=float, copy=True) for k, v in row.items()}
-        out["state"] = s
-        out["block_vel"] = np.zeros(3)
-        return out
-
-    @contextlib.contextmanager
-    def _colour(self, env):
-        import pygame
-        shapes = list(env.gym.block.shapes)
-        old = [s.color for s in shapes]
-        try:
-            for s in shapes:
-                s.color = pygame.Color(*self.COLOUR)
-            yield
-        finally:
-            for s, c in zip(shapes, old):
-                s.color = c
-
-    def colour(self, env):
-        return self._colour(env)
-
-
-class _MujocoColour(Perturbation):
-    GEOMS: tuple[str, ...] = ()
-    RGBA = (0.2, 0.4, 0.95, 1.0)
-
-    @contextlib.contextmanager
-    def _colour(self, env):
-        models = [env.model]
-        try:  # the renderer shared by every model of one description holds its own MjModel
-            from ..envs import reacher as R
-            models += [m for _, m in getattr(R, "_RENDERERS", {}).values()]
-        except Exception:
-            pass
-        saved = []
-        try:
-            for m in {id(m): m for m in models}.values():
-                for g in self.GEOMS:
-                    try:
-                        gid = m.geom(g).id
-                    except Exception:
-                        continue
-                    saved.append((m, gid, m.geom_rgba[gid].copy()))
-                    m.geom_rgba[gid] = self.RGBA
-            yield
-        finally:
-            for m, gid, rgba in saved:
-                m.geom_rgba[gid] = rgba
-
-    def colour(self, env):
-        return self._colour(env)
-
-
-class CubePerturbation(_MujocoColour):
-    name = "cube"
-    visual_doc = "the cube (pink-red) is rendered blue from t0 on (its geom colour, restored after rendering)"
-    physical_doc = ("at t0 the cube jumps to a random (x, y) of OGBench's cube sampling area on the table, at "
-                    "least --min-distance m from where it was, upright and at rest; then the recorded actions")
-    default_min_distance = 0.1
-    GEOMS = ("object_0",)
-    RGBA = (0.2, 0.4, 0.95, 1.0)
-    BOUNDS = np.array([[0.3, -0.3], [0.55, 0.3]])  # OGBench's _object_sampling_bounds (x, y), m
-    REST_Z = 0.02
-
-    def teleport(self, env, row, rng, min_distance):
-        j = env.model.joint("object_joint_0")
-        qa, va = int(np.asarray(j.qposadr).reshape(-1)[0]), int(np.asarray(j.dofadr).reshape(-1)[0])
-        bounds = getattr(env.og, "_object_sampling_bounds", self.BOUNDS)
-        qpos = np.asarray(row["qpos"], float).reshape(-1).copy()
-        qvel = np.asarray(row["qvel"], float).reshape(-1).copy() if "qvel" in row else np.zeros(env.model.nv)
-        old = qpos[qa:qa + 2]
-        xy = _sample_until(rng, lambda: rng.uniform(bounds[0], bounds[1]),
-                           lambda p: _far_enough(p, old, min_distance), "cube")
-        qpos[qa:qa + 3] = [xy[0], xy[1], self.REST_Z]
-        qpos[qa + 3:qa + 7] = [1.0, 0.0, 0.0, 0.0]
-        qvel[va:va + 6] = 0.0
-        out = {k: np.array(v, dtype=float, copy=True) for k, v in row.items()}
-        out.update(qpos=qpos, qvel=qvel, cube_pos=qpos[qa:qa + 3].copy(), cube_quat=qpos[qa + 3:qa + 7].copy())
-        return out
-
-
-class ReacherPerturbation(_MujocoColour):
-    name = "reacher"
-    visual_doc = "the arm (arm, hand and finger geoms) is rendered green from t0 on"
-    physical_doc = ("at t0 both joints jump to a random configuration (shoulder uniform, wrist in its range), "
-                    "at least --min-distance rad away in the larger joint change, at rest; then the recorded actions")
-    default_min_distance = 0.5
-    GEOMS = ("arm", "hand", "finger")
-    RGBA = (0.1, 0.85, 0.2, 1.0)
-
-    def teleport(self, env, row, rng, min_distance):
-        from ..envs.reacher import _wrap
-        old = np.asarray(row["qpos"], float).reshape(-1)[:2]
-        q = _sample_until(rng, lambda: env.sample_qpos(rng),
-                          lambda p: float(np.abs(_wrap(p - old)).max()) >= min_distance, "arm")
-        out = {k: np.array(v, dtype=float, copy=True) for k, v in row.items()}
-        out["qpos"] = q
-        out["qvel"] = np.zeros(2)
-        return out
-
-
-PERTURBATIONS = {p.name: p for p in (TwoRoomPerturbation(), PushTPerturbation(), CubePerturbation(),
-                                     ReacherPerturbation())}
 
 
 # -- trajectories and frames ---------------------------------------------------------------------------
@@ -362,10 +173,11 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
     size = int(info.image_shape[0])
     # the env after the model: importing timm/triton after a MuJoCo EGL context exists can crash
     sim = _make_env(env_name, size, log)
-    pert = PERTURBATIONS.get(env_name) if sim is not None else None
+    # the env's own perturbations (lewm/envs/base.py: teleport, recolour); Env's defaults without one
+    pert = sim if sim is not None and sim.physical_doc is not None else None
     if sim is not None and pert is None:
-        log(f"lewm surprise: no perturbations are defined for '{env_name}'; the physical variant is left out and "
-            "the visual one swaps R and G")
+        log(f"lewm surprise: no physical perturbation is defined for '{env_name}'; the physical variant is left "
+            "out")
     if min_distance is None:
         min_distance = pert.default_min_distance if pert is not None else 0.0
     state_cols = [c for c in (getattr(sim, "state_columns", ()) or ()) if c in info.columns] if sim else []
@@ -410,14 +222,14 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
             base = _render_rows(sim, rows, size)
             px[i, 0] = base
             px[i, 1, :t0] = base[:t0]
-            ctx = pert.colour(sim) if pert is not None else None
+            ctx = sim.recolour()
             if ctx is None:
-                px[i, 1, t0:] = (pert or Perturbation()).recolour_frames(base[t0:])
+                px[i, 1, t0:] = sim.recolour_frames(base[t0:])
             else:
                 px[i, 1, t0:] = _render_rows(sim, rows[t0:], size, ctx)
             if pert is not None:
                 trng = np.random.default_rng([seed, int(eps[i])])
-                moved = pert.teleport(sim, rows[t0], trng, min_distance)
+                moved = sim.teleport(rows[t0], trng, min_distance)
                 px[i, 2, :t0] = base[:t0]
                 px[i, 2, t0:] = _physical_frames(sim, moved, acts[i, t0 * fs:], K - t0, fs, size)
                 teleports.append({k: np.asarray(v).tolist() for k, v in moved.items()})
@@ -470,7 +282,7 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
            "trajectories": N, "episodes": eps.tolist(), "start_rows": starts.tolist(),
            "frames_from": "env" if sim is not None else "data",
            "render_vs_data_mean_abs_diff": render_diff, "min_distance": float(min_distance),
-           "perturbations": {"visual": (pert or Perturbation()).visual_doc,
+           "perturbations": {"visual": (sim or Env).visual_doc,
                              "physical": pert.physical_doc if pert is not None else None},
            "surprise": "||pred(z_{j-W..j-1}, a_{j-W..j-1}) - enc(o_j)||^2, summed over D",
            "steps": steps, "variants": per_variant, "tests": tests,
@@ -547,13 +359,27 @@ def plot_surprise(res: dict, png: Path) -> Path:
 
 
 # -- CLI -----------------------------------------------------------------------------------------------
+def _perturbation_help() -> str:
+    import textwrap
+
+    from ..envs.base import env_class, env_names
+    lines = []
+    for name in env_names():
+        cls = env_class(name)
+        if cls is None:
+            continue
+        for kind, doc in (("visual", cls.visual_doc), ("physical", cls.physical_doc or "none")):
+            lines.append(textwrap.fill(doc, 100, initial_indent=f"  {name} {kind}: ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("surprise", help="violation-of-expectation surprise along trajectories",
                        description="Latent prediction error (surprise) along held-out trajectories: unperturbed, "
                                    "with an object's colour changed from frame t0 (visual), and with an object "
                                    "teleported at t0 (physical); paired t-tests between them.",
-                       epilog="Writes surprise.json and surprise.png with --out. Perturbations per environment are "
-                              "described in lewm/evals/surprise.py.")
+                       epilog="Writes surprise.json and surprise.png with --out. Perturbations per environment:\n"
+                              + _perturbation_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder (model.safetensors + config.json) or a training run folder (its latest)")
     p.add_argument("--data", required=True, help="HDF5 episodes with the env's state columns")
