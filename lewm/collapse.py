@@ -56,7 +56,7 @@ def run_collapse(cfg: Config, data, out, lambdas=(0.0, 0.09), device: str = "aut
                                "val_pred_loss": last.get("val_pred_loss"), "sigreg": last.get("sigreg"),
                                "steps": tr.step, **stats}
         if env:
-            from .plan.mpc import evaluate
+            from .evals.planning import evaluate
             r = evaluate(find_latest(out / f"lambda_{lam:g}"), env, data, planner="fast", episodes=episodes,
                          device=device, random_baseline=False, progress=progress)
             results[f"{lam:g}"].update(success_rate=r["success_rate"], ci95=r["ci95"], episodes=r["episodes"])

@@ -79,7 +79,7 @@ def time_planners(model, data_path, n_plans: int = 5, seed: int = 0) -> dict:
 def main(args) -> int:
     from .errors import UserError
     from .data.collect import collect
-    from .plan.mpc import evaluate, save_results
+    from .evals.planning import evaluate, save_results
     from .checkpoint import find_latest
     from .train import Trainer
 

@@ -89,7 +89,7 @@ def test_missing_optional_package_names_the_extra(monkeypatch, tmp_path):
     from lewm.errors import UserError
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # `import imageio_ffmpeg` now fails
     monkeypatch.setitem(sys.modules, "gym_pusht", None)
-    from lewm.plan.mpc import save_results
+    from lewm.evals.planning import save_results
     frames = [np.zeros((16, 16, 3), np.uint8)] * 3
     with pytest.raises(UserError, match=r"needs the package 'imageio-ffmpeg'.*pip install 'lewm\[video\]'"):
         save_results({"_videos": {0: frames}}, tmp_path, video_format="mp4")

@@ -135,7 +135,7 @@ def test_from_config_and_by_name(model):
     fast = FastPlanner.from_config(model)
     assert (fast.samples, fast.elites, fast.iterations, fast.horizon) == (p.samples, p.elites, p.iterations, p.horizon)
     assert fast.backend == "torch" and not fast.use_graph  # auto on the CPU
-    from lewm.plan.mpc import make_planner
+    from lewm.plan.planners import make_planner
     assert isinstance(make_planner("fast", model, samples=16, elites=4), FastPlanner)
 
 

@@ -1,4 +1,4 @@
-"""The evaluation protocol (lewm/plan/mpc.py) and `lewm eval` (lewm/plan/evaluate.py).
+"""The evaluation protocol and `lewm eval` (lewm/evals/planning.py).
 
 Fixtures from conftest.py: `tworoom_data` (150 TwoRoom expert episodes at 32 px) and
 `tworoom_model` (the tiny preset trained 800 steps on it).
@@ -14,8 +14,8 @@ from lewm.cli import main as cli_main
 from lewm.data.dataset import split_episodes
 from lewm.data.format import inspect
 from lewm.model import LeWM
-from lewm.plan import mpc
-from lewm.plan.mpc import evaluate
+from lewm.evals import planning as mpc
+from lewm.evals.planning import evaluate
 
 FAST = {"samples": 16, "elites": 4, "iterations": 2}
 
@@ -346,7 +346,7 @@ def test_episodes_render_as_the_data_was_rendered(tmp_path):
 
     from lewm.data.collect import collect
     from lewm.data.format import inspect as inspect_data
-    from lewm.plan import mpc as M
+    from lewm.evals import planning as M
     for mode in ("direct", "reference"):
         path = collect("tworoom", 2, tmp_path / f"{mode}.h5", image_size=32, max_steps=20, progress=False,
                        env_kwargs={"render": mode})

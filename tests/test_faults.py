@@ -128,7 +128,7 @@ def test_full_disk_while_collecting_keeps_the_previous_file(tmp_path, small_disk
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # imageio's writer, freed later
 def test_full_disk_while_writing_eval_results_keeps_the_previous_ones(tmp_path, small_disk):
-    from lewm.plan.mpc import save_results
+    from lewm.evals.planning import save_results
     disk = small_disk(64)
     save_results({"success_rate": 0.5, "episodes": 2}, disk)
     before = (disk / "results.json").read_text()

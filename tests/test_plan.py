@@ -171,7 +171,7 @@ def test_noise_shape_mismatch_is_reported(tiny_model):
 
 
 def test_wilson_interval():
-    from lewm.plan.mpc import wilson_interval
+    from lewm.evals.planning import wilson_interval
     lo, hi = wilson_interval(25, 50)
     assert lo == pytest.approx(0.3664, abs=1e-3) and hi == pytest.approx(0.6336, abs=1e-3)
     assert wilson_interval(0, 50)[0] == 0.0 and wilson_interval(50, 50)[1] == 1.0

@@ -42,7 +42,7 @@ import numpy as np
 from ..atomic import write_json
 from ..errors import UserError
 from ..plots import pyplot, save_figure
-from . import data_env_name, encode_rows, episode_rows, heldout_split, load_model
+from .common import data_env_name, encode_rows, episode_rows, heldout_split, load_model
 
 _COLUMN_SPEC = re.compile(r"^(?P<col>[A-Za-z_][\w/.-]*)(\[(?P<a>-?\d*)(?P<colon>:)?(?P<b>-?\d*)\])?$")
 

@@ -53,7 +53,7 @@ from ..atomic import write_json
 from ..errors import UserError
 from ..envs.base import Env, swap_red_green
 from ..plots import pyplot, save_figure
-from . import data_env_name, heldout_split, load_model, read_pixels
+from .common import data_env_name, heldout_split, load_model, read_pixels
 
 VARIANTS = ("unperturbed", "visual", "physical")
 

@@ -4,14 +4,17 @@
     FastPlanner      the fast path (engine.py): encode once, KV cache, fused rollout, CUDA graph
     MPPIPlanner      MPPI (mppi.py)
     GradientPlanner  Adam on the action sequence (gradient.py)
-    RandomPlanner    uniform random actions: the baseline of the evaluation protocol (mpc.py)
+    RandomPlanner    uniform random actions: the baseline of the evaluation protocol (planners.py)
+
+`make_planner(name, model)` builds one by name (planners.py). The evaluation protocol that runs them
+(`lewm eval`) is lewm/evals/planning.py.
 """
 import importlib
 
 from .cem import CEMPlanner, Planner, PlanResult, terminal_cost
 
 _LAZY = {"FastPlanner": ".engine", "MPPIPlanner": ".mppi", "GradientPlanner": ".gradient",
-         "RandomPlanner": ".mpc", "evaluate": ".mpc", "make_planner": ".mpc"}
+         "RandomPlanner": ".planners", "make_planner": ".planners", "PLANNERS": ".planners"}
 
 
 def __getattr__(name):

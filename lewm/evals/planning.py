@@ -1,4 +1,4 @@
-"""Model-predictive control and the evaluation protocol (shared/spec/reference.md section 7).
+"""`lewm eval`: model-predictive control under the evaluation protocol (shared/spec/reference.md section 7).
 
     results = evaluate("runs/tworoom", "tworoom", "data/tworoom.h5", planner="cem")
     results["success_rate"], results["ci95"], results["plan_time_s"]["median"]
@@ -9,7 +9,7 @@ The protocol, as the reference runs it:
   generator seeded with `seed` (42), from the rows whose step index is <= ep_len - goal_offset - 1.
   By default the pool is the *held-out* episodes: `split_episodes(E, cfg.train.val_frac,
   cfg.train.seed)` with the checkpoint's own training config, so they were never trained on.
-  `split="train"` is the reference's protocol: every episode of the file (its eval data was the
+  `split="all"` (formerly "train") is the reference's protocol: every episode of the file (its eval data was the
   training data, issue #90).
 * **Start and goal.** Each episode gets its own env instance: `reset(seed)`, then
   `set_state_from_row(row s)` and `set_goal_from_row(row s + goal_offset)` (goal_offset = 25 raw
@@ -37,6 +37,7 @@ with uniform raw actions in the env's action box (a fresh uniform action every s
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -49,82 +50,11 @@ import torch
 
 from ..atomic import write_text
 from ..checkpoint import load_model, read_config, read_meta, resolve
-from ..config import resolve_device
+from ..config import Config, resolve_device
 from ..errors import UserError, require
-from ..config import Config
 from ..model import LeWM
-from .cem import CEMPlanner, Planner, PlanResult
-
-PLANNERS = ("cem", "fast", "mppi", "gradient", "random")
-
-
-# -- planners ----------------------------------------------------------------------------------------
-class RandomPlanner(Planner):
-    """Uniform raw actions in [low, high] (the env's action box): the random-policy baseline, behind
-    the planner interface so the evaluation loop runs it like any planner.
-
-    noise (E, horizon*frameskip, action_dim) uniform in [0, 1) makes the draws explicit."""
-    noise_dist = "uniform"
-
-    def __init__(self, model: LeWM, horizon: int = 5, low=None, high=None, seed: int | None = 42, **_ignored):
-        super().__init__(model, 1, 1, 1, horizon, 1.0, seed)
-        A = self.action_dim
-        self.low = torch.as_tensor(-np.ones(A) if low is None else low, dtype=torch.float32).reshape(A)
-        self.high = torch.as_tensor(np.ones(A) if high is None else high, dtype=torch.float32).reshape(A)
-
-    @classmethod
-    def from_config(cls, model: LeWM, **overrides):
-        p = model.cfg.plan
-        kw = dict(horizon=p.horizon, seed=p.seed)
-        kw.update(overrides)
-        return cls(model, **kw)
-
-    def noise_shape(self, n_envs: int) -> tuple:
-        return (n_envs, self.horizon * self.frameskip, self.action_dim)
-
-    def draw_noise(self, n_envs: int) -> torch.Tensor:
-        if self.generator is None:
-            self.generator = torch.Generator(device=self.device)
-            if self.seed is not None:
-                self.generator.manual_seed(self.seed)
-        return torch.rand(self.noise_shape(n_envs), generator=self.generator, device=self.device)
-
-    @torch.no_grad()
-    def plan(self, start, goal, noise: torch.Tensor | None = None) -> PlanResult:
-        start, goal, noise = self._inputs(start, goal, noise)
-        E = start.shape[0]
-        low, high = self.low.to(self.device), self.high.to(self.device)
-        raw = low + (high - low) * noise  # (E, H*fs, A)
-        z = self.model.normalize_actions(raw).reshape(E, self.horizon, self.width)
-        return PlanResult(z, raw, torch.full((E,), float("nan"), device=self.device))
-
-
-def make_planner(name: str, model: LeWM, **kw) -> Planner:
-    """A planner by name: "cem" (the eager reference), "fast" (`lewm.plan.engine.FastPlanner`),
-    "mppi", "gradient" or "random".
-
-    Defaults come from the model's PlanConfig (samples, elites, iterations, horizon, var_scale,
-    seed) for cem/fast/mppi, so they plan with the same sampling budget; the gradient planner keeps
-    its own samples (100), steps (30) and lr (0.1). Keyword arguments override (None = default)."""
-    kw = {k: v for k, v in kw.items() if v is not None}
-    if name == "cem":
-        return CEMPlanner.from_config(model, **kw)
-    if name == "fast":
-        try:
-            from .engine import FastPlanner
-        except ImportError as e:
-            raise UserError(f"planner 'fast' is not available ({e}); use --planner cem") from None
-        return FastPlanner.from_config(model, **kw)
-    if name == "mppi":
-        from .mppi import MPPIPlanner
-        return MPPIPlanner.from_config(model, **kw)
-    if name == "gradient":
-        from .gradient import GradientPlanner
-        return GradientPlanner.from_config(model, **kw)
-    if name == "random":
-        return RandomPlanner.from_config(model, **kw)
-    raise UserError(f"unknown planner '{name}' (known: {', '.join(PLANNERS)})")
-
+from ..plan.planners import PLANNERS, RandomPlanner, make_planner
+from .common import check_split, env_matches, norm_name
 
 # -- statistics --------------------------------------------------------------------------------------
 def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -200,10 +130,6 @@ class EvalSetup:
     goal_offset: int = 25
 
 
-def _norm_name(s: str) -> str:
-    return "".join(c for c in str(s).lower() if c.isalnum())
-
-
 def make_env(env_name: str, image_size: int, **kwargs):
     from ..envs import make
     try:
@@ -228,7 +154,7 @@ def _render_kwargs(env_name: str, data, info, image_size: int, cols: list, notes
     ek = ek if isinstance(ek, dict) else {}
     if "render" in ek:
         return {"render": ek["render"]}
-    if _norm_name(env_name) != "tworoom":
+    if norm_name(env_name) != "tworoom":
         return {}
     from ..envs.tworoom import RENDER_MODES
     row = _row_dicts(read_rows(Path(data), np.array([0]), cols))[0]
@@ -262,8 +188,7 @@ def check_inputs(cfg: Config, env_name: str, data, *, episodes: int, goal_offset
     for flag, v in (("--episodes", episodes), ("--goal-offset", goal_offset), ("--budget", budget)):
         if not isinstance(v, (int, np.integer)) or v <= 0:
             raise UserError(f"{flag} must be a positive integer, got {v!r}")
-    if split not in ("heldout", "train"):
-        raise UserError(f"--split must be 'heldout' or 'train', got {split!r}")
+    split = check_split(split)
     env = make_env(env_name, 64)  # unknown name / missing simulator package
     try:
         env.reset(seed=0)
@@ -273,7 +198,7 @@ def check_inputs(cfg: Config, env_name: str, data, *, episodes: int, goal_offset
                         "it cannot be evaluated") from None
     info = inspect(data)  # DataError: missing file, wrong layout
     data_env = info.attrs.get("env")
-    if data_env is not None and _norm_name(env_name) not in _norm_name(data_env):
+    if not env_matches(env_name, data_env):
         raise UserError(f"--data {info.path}: collected in environment '{data_env}' (attribute 'env'), "
                         f"not '{env_name}'")
     image_size = int(info.image_shape[0])
@@ -297,7 +222,7 @@ def check_inputs(cfg: Config, env_name: str, data, *, episodes: int, goal_offset
         _, eps = split_episodes(info.num_episodes, cfg.train.val_frac, cfg.train.seed)
         if len(eps) == 0:
             raise UserError(f"--data {info.path}: no held-out episodes ({info.num_episodes} episodes, "
-                            f"train.val_frac={cfg.train.val_frac}); use --split train")
+                            f"train.val_frac={cfg.train.val_frac}); use --split all (the reference's protocol; formerly --split train)")
         which = f"{len(eps)} held-out episodes"
     else:
         eps = np.arange(info.num_episodes)
@@ -557,7 +482,7 @@ def check_training_data(net: LeWM, meta: dict, setup: EvalSetup, allow_other_dat
     where = f"--checkpoint {setup.checkpoint}" if setup.checkpoint else "the model"
     if src.get("format") == "reference" and setup.split == "heldout" and not allow_other_data:
         raise UserError(f"{where} was converted from the reference, which trained on clips of every episode of its "
-                        "data (no episode held out): use --split train (the reference's protocol)")
+                        "data (no episode held out): use --split all (the reference's protocol; formerly --split train)")
     with open_h5(setup.data) as f:
         mean, std = action_stats(np.asarray(f["action"][()], np.float32))
     m, s = net.action_mean.detach().cpu().numpy(), net.action_std.detach().cpu().numpy()
@@ -722,3 +647,135 @@ def save_results(results: dict, out, video_format: str = "gif", fps: int = 10) -
         raise UserError(f"could not write {out / 'results.json'}: {e.strerror or e}"
                         f"{' (the disk is full)' if e.errno == 28 else ''}; {prev}") from None
     return clean
+
+
+# -- the command ------------------------------------------------------------------------------------
+# `lewm eval ENV --checkpoint C --data F`: plan with a checkpoint under the evaluation protocol.
+# 
+#     lewm eval tworoom --checkpoint runs/tworoom --data data/tworoom.h5
+#     lewm eval tworoom --checkpoint runs/tworoom --data data/tworoom.h5 --planner mppi \\
+#         --random-baseline --out evals/tworoom --videos 4
+# 
+# The protocol (above, and docs/evaluation.md): 50 start rows drawn with seed 42 from the
+# held-out episodes (--split all: every episode, as the reference), goal = the frame 25 raw steps
+# later, budget 50 steps, replanning every 25 steps, success if the env's success rule holds at any
+# step. Start/goal pairs already solved before any action are counted and, by default, replaced
+# (--include-solved keeps them, as the reference). The random policy runs on the same episodes every
+# time. --seeds N repeats the protocol with N planner seeds. Prints the success rate with its 95%
+# Wilson interval beside the random policy's, and the planning time per plan; --out writes
+# results.json (with a record per episode) and GIFs (agent view | goal) of the first --videos episodes.
+# 
+# Every input mistake is reported in one line before any planning starts: a missing checkpoint, a
+# checkpoint trained for another action dimension, a data set from another environment (its `env`
+# attribute) or too short for the goal offset, an environment without a success rule. Differing
+# image sizes are fine (the model's encode resizes frames).
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="plan with a checkpoint under the evaluation protocol",
+                       description="Plan with a checkpoint under the evaluation protocol; print the success rate "
+                                   "(95% Wilson interval) and the planning time per plan.",
+                       epilog="Defaults for the planner and the protocol come from the checkpoint's plan config "
+                              "(reference: CEM 300 samples, 30 elites, 30 iterations (10 outside PushT); "
+                              "50 episodes, goal offset 25, budget 50).")
+    p.add_argument("env", help="environment name (tworoom, pusht, cube, reacher)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder (model.safetensors + config.json) or a training run folder (its latest)")
+    p.add_argument("--data", required=True, help="HDF5 episodes of ENV: start and goal rows are drawn from it")
+    p.add_argument("--planner", default="cem", choices=PLANNERS)
+    p.add_argument("--episodes", type=int, help="episodes (50)")
+    p.add_argument("--goal-offset", type=int, help="raw steps from start row to goal row (25)")
+    p.add_argument("--budget", type=int, help="env steps per episode (50)")
+    p.add_argument("--samples", type=int, help="planner samples (CEM/MPPI: plan config; gradient: 100)")
+    p.add_argument("--iterations", type=int, help="planner iterations (gradient: Adam steps, 30)")
+    p.add_argument("--elites", type=int, help="CEM/MPPI elites")
+    p.add_argument("--temperature", type=float, help="MPPI temperature (0.5)")
+    p.add_argument("--lr", type=float, help="gradient planner learning rate (0.1)")
+    p.add_argument("--receding-horizon", type=int, help="macro steps executed per plan (5: the whole plan)")
+    p.add_argument("--split", default="heldout", choices=["heldout", "all", "train"],
+                   help="heldout: episodes held out of training (default); all: every episode (the reference; "
+                        "'train' is its old name)")
+    p.add_argument("--seed", type=int, help="start-row draw and planner noise (42)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--num-envs", type=int, help="episodes planned per batched call (default: all)")
+    p.add_argument("--random-baseline", action="store_true",
+                   help="(always on: the random policy runs on the same episodes; kept for old scripts)")
+    p.add_argument("--exclude-solved", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace start/goal pairs already solved before any action by unsolved ones (default); "
+                        "--include-solved / --no-exclude-solved keeps them, as the reference")
+    p.add_argument("--include-solved", dest="exclude_solved", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="repeat the protocol with N planner seeds (seed, seed+1, ...) on the same episodes: "
+                        "per-seed rates, mean +- std, a pooled 95%% interval")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="plan on held-out episodes of a file other than the checkpoint's training data "
+                        "(refused by default: its held-out split means nothing there)")
+    p.add_argument("--out", help="folder for results.json and videos")
+    p.add_argument("--videos", type=int, default=0, help="write GIF/MP4s of the first N episodes (needs --out)")
+    p.add_argument("--video-format", default="gif", choices=["gif", "mp4"])
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
+
+
+def _fmt_ci(r: dict) -> str:
+    lo, hi = r["ci95"]
+    return f"{100 * r['success_rate']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%, {r['num_successes']}/{len(r['successes'])})"
+
+
+def main(args) -> int:
+
+    for flag in ("episodes", "goal_offset", "budget", "samples", "iterations", "elites", "receding_horizon",
+                 "num_envs", "seeds"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    for flag in ("temperature", "lr"):
+        v = getattr(args, flag)
+        if v is not None and not v > 0:
+            raise UserError(f"--{flag} must be positive, got {v}")
+    if args.videos < 0:
+        raise UserError(f"--videos must be >= 0, got {args.videos}")
+    if args.videos and not args.out:
+        raise UserError("--videos needs --out (the folder the videos go to)")
+    kw = {"samples": args.samples, "iterations": args.iterations}
+    if args.planner in ("cem", "fast", "mppi"):
+        kw["elites"] = args.elites
+    if args.planner == "mppi":
+        kw["temperature"] = args.temperature
+    if args.planner == "gradient":
+        kw["lr"] = args.lr
+    if args.planner == "random":
+        kw = {}
+    res = evaluate(args.checkpoint, args.env, args.data, planner=args.planner, planner_kw=kw,
+                   episodes=args.episodes, goal_offset=args.goal_offset, budget=args.budget,
+                   receding_horizon=args.receding_horizon, split=args.split, seed=args.seed, device=args.device,
+                   num_envs=args.num_envs, random_baseline=True, exclude_solved=args.exclude_solved,
+                   seeds=args.seeds, allow_other_data=args.allow_other_data, videos=args.videos,
+                   progress=not args.no_progress, log=print)
+    c = res["config"]
+    print(f"lewm eval {args.env}: {args.planner}, {c['episodes']} episodes ({c['split']} split, seed {c['seed']}), "
+          f"goal offset {c['goal_offset']}, budget {c['budget']}, on {c['device']}")
+    a = res["already_solved"]
+    print(f"already solved at the start: {a['count']} of {a['of']} drawn pairs"
+          + (" (replaced by unsolved pairs)" if a["excluded"] else " (kept, as the reference; --exclude-solved "
+                                                                    "replaces them)"))
+    print(f"success {_fmt_ci(res)}")
+    if "random_baseline" in res:
+        print(f"random policy {_fmt_ci(res['random_baseline'])}")
+    sd = res["seeds"]
+    if len(sd["planner_seeds"]) > 1:
+        lo, hi = sd["pooled_ci95"]
+        rates = ", ".join(f"{100 * r['success_rate']:.0f}" for r in sd["per_seed"])
+        print(f"{len(sd['planner_seeds'])} seeds: {rates} %; mean {100 * sd['mean']:.1f} +- {100 * sd['std']:.1f}, "
+              f"pooled {sd['pooled_successes']}/{sd['pooled_trials']} (95% CI {100 * lo:.1f}-{100 * hi:.1f}%)")
+        if "random" in sd:
+            r = sd["random"]
+            print(f"random policy over the seeds: mean {100 * r['mean']:.1f} +- {100 * r['std']:.1f} "
+                  f"(95% CI {100 * r['pooled_ci95'][0]:.1f}-{100 * r['pooled_ci95'][1]:.1f}%)")
+    pt, pe = res["plan_time_s"], res["plan_time_per_env_s"]
+    if pt["n"]:
+        print(f"planning time per plan: median {pt['median']:.3f} s (p10 {pt['p10']:.3f}, p90 {pt['p90']:.3f}) "
+              f"for {res['envs_per_call']['median']:.0f} envs per call; {1e3 * pe['median']:.1f} ms per env "
+              f"({pt['n']} calls)")
+    if args.out:
+        saved = save_results(res, args.out, video_format=args.video_format)
+        print(f"results: {args.out}/results.json" + (f", {len(saved['videos'])} videos" if saved["videos"] else ""))
+    return 0
