@@ -560,7 +560,10 @@ def _device_key(device) -> torch.device:
     return dev
 
 
-def _build_knots(knots: int, t_max: float, device, dtype):
+def build_knots(knots: int, t_max: float, device, dtype):
+    """The quadrature, uncached: (K,) knots t_k = k * t_max / (K - 1), (K,) weights w_k (the trapezoid
+    rule's 1, 2, ..., 2, 1 times dt, times the N(0,1) window exp(-t_k^2/2)), (K,) target exp(-t_k^2/2)
+    (the N(0,1) characteristic function); computed in float64, returned in `dtype`."""
     t = torch.linspace(0.0, t_max, knots, device=device, dtype=torch.float64)
     dt = t_max / (knots - 1)
     c = torch.full((knots,), 2.0, dtype=torch.float64, device=device)
@@ -579,7 +582,7 @@ def _may_cache(device: torch.device) -> bool:
 
 def knots_and_weights(knots: int = 17, t_max: float = 3.0, device=None, dtype=torch.float32):
     """(K,) knots on [0, t_max], (K,) weights (trapezoid doubled times the N(0,1) window), (K,) target
-    exp(-t^2/2). Duplicates lewm.sigreg.knots_and_weights (kernels never import lewm).
+    exp(-t^2/2) (`build_knots`; lewm.sigreg uses these, kernels never import lewm).
 
     Computed in float64 once per (device, dtype, knots, t_max) and cached: the same tensors are
     returned on every call (treat them as read-only; an in-place change only costs the knots their
@@ -593,9 +596,9 @@ def knots_and_weights(knots: int = 17, t_max: float = 3.0, device=None, dtype=to
     if hit is not None:
         return hit
     if not _may_cache(dev):
-        return _build_knots(knots, t_max, dev, dtype)
+        return build_knots(knots, t_max, dev, dtype)
     with torch.inference_mode(False), torch.no_grad():  # usable later with and without autograd
-        out = _build_knots(knots, t_max, dev, dtype)
+        out = build_knots(knots, t_max, dev, dtype)
     _KNOTS_CACHE[key] = out
     _UNIFORM_KNOTS[id(out[0])] = (out[0], out[0]._version)
     return out
@@ -802,12 +805,13 @@ def fused_ecf_sums(z: torch.Tensor, directions: torch.Tensor, t: torch.Tensor, *
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plain PyTorch reference (the oracle in tests; same maths as lewm.sigreg)
+# Plain PyTorch reference (the oracle in tests; lewm.sigreg's reference path is this code)
 # ----------------------------------------------------------------------------------------------------
 
 
 def ecf_sums_reference(z: torch.Tensor, directions: torch.Tensor, t: torch.Tensor):
-    """Eager oracle: materialises (T, B, M, K). Same maths as lewm.sigreg.ecf_sums: computed in fp32,
+    """Eager oracle: per-(T, M, K) sums over the batch of cos(t_k h) and sin(t_k h), h = z @ A; materialises
+    (T, B, M, K) (fine as an oracle, wasteful at scale: `fused_ecf_sums`). Computed in fp32,
     or fp64 when z is fp64 (so that a float64 reference can be built from the same quantised inputs).
     Returns cos_sum, sin_sum (T, M, K)."""
     cdtype = _compute_dtype(z, directions)

@@ -19,47 +19,27 @@ import math
 
 import torch
 import torch.nn as nn
+from lewm_kernels.sigreg import build_knots, ecf_sums_reference, statistic_from_sums
+from lewm_kernels.sigreg import knots_and_weights as _cached_knots
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio mixing constant for step seeds
 
 
 def knots_and_weights(knots: int = 17, t_max: float = 3.0, device=None, dtype=torch.float32):
     """(K,) knots t_k on [0, t_max], (K,) weights w_k (trapezoid doubled times the window),
-    (K,) target exp(-t_k^2/2) (the N(0,1) characteristic function)."""
+    (K,) target exp(-t_k^2/2) (the N(0,1) characteristic function): lewm_kernels.sigreg.build_knots."""
     if knots < 2:
         raise ValueError(f"sigreg.knots must be >= 2, got {knots}")
-    t = torch.linspace(0.0, t_max, knots, device=device, dtype=torch.float64)
-    dt = t_max / (knots - 1)
-    c = torch.full((knots,), 2.0, dtype=torch.float64, device=device)
-    c[0] = c[-1] = 1.0
-    phi = torch.exp(-0.5 * t * t)
-    w = c * dt * phi
-    return t.to(dtype), w.to(dtype), phi.to(dtype)
-
-
-_KNOTS_CACHE: dict = {}  # (device, dtype, knots, t_max) -> (t, w, phi)
+    return build_knots(knots, t_max, device, dtype)
 
 
 def cached_knots_and_weights(knots: int, t_max: float, device, dtype, impl: str = "eager"):
-    """knots_and_weights, computed once per (device, dtype, knots, t_max) instead of at every step
-    (treat the tensors as read-only). For impl="triton" the fused kernels' own cache is used: the
-    kernels recognise those tensors as equally spaced knots and take their fast path. Not cached
-    while torch.compile traces or a CUDA graph is captured (then built as before)."""
-    if impl == "triton":
-        from lewm_kernels.sigreg import knots_and_weights as kernel_knots
-        return kernel_knots(knots, t_max, device=device, dtype=dtype)
-    dev = torch.device(device if device is not None else "cpu")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    key = (dev, dtype, int(knots), float(t_max))
-    hit = _KNOTS_CACHE.get(key)
-    if hit is not None:
-        return hit
-    if torch.compiler.is_compiling() or (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return knots_and_weights(knots, t_max, device=dev, dtype=dtype)
-    with torch.inference_mode(False), torch.no_grad():  # usable later with and without autograd
-        hit = _KNOTS_CACHE[key] = knots_and_weights(knots, t_max, device=dev, dtype=dtype)
-    return hit
+    """knots_and_weights, computed once per (device, dtype, knots, t_max) instead of at every step (treat
+    the tensors as read-only): the kernels' cache, whose tensors the fused kernels recognise as equally
+    spaced knots (their fast path). Not cached while torch.compile traces or a CUDA graph is captured."""
+    if knots < 2:
+        raise ValueError(f"sigreg.knots must be >= 2, got {knots}")
+    return _cached_knots(knots, t_max, device=device, dtype=dtype)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -82,31 +62,15 @@ def draw_directions(dim: int, num_proj: int, *, seed: int | None = None, device=
     return A.to(dtype)
 
 
-def ecf_sums(z: torch.Tensor, directions: torch.Tensor, t: torch.Tensor):
-    """Reference: per-(T, M, K) sums over the batch of cos(t_k h) and sin(t_k h), h = z @ A.
-
-    z (T, B, D), directions (D, M), t (K,) -> cos_sum, sin_sum (T, M, K) in float32.
-    Materialises (T, B, M, K): fine as an oracle, wasteful at scale (see lewm_kernels.sigreg).
-    Float64 inputs are computed in float64, everything else in float32."""
-    dt = _acc_dtype(z)
-    h = torch.matmul(z.to(dt), directions.to(dt))  # (T, B, M)
-    x = h.unsqueeze(-1) * t.to(dt)  # (T, B, M, K)
-    return torch.cos(x).sum(dim=1), torch.sin(x).sum(dim=1)
+# The reference sums and statistic are the kernels' own PyTorch oracle (lewm_kernels/sigreg.py), one copy:
+#   ecf_sums(z (T, B, D), directions (D, M), t (K,)) -> cos_sum, sin_sum (T, M, K): materialises (T, B, M, K)
+#   statistic_from_sums(cos_sum, sin_sum, n, w, phi) -> EP averaged over (T, M)
+ecf_sums = ecf_sums_reference
 
 
 def _acc_dtype(z: torch.Tensor) -> torch.dtype:
     """float64 stays float64 (for gradcheck); everything else accumulates in float32."""
     return torch.float64 if z.dtype == torch.float64 else torch.float32
-
-
-def statistic_from_sums(cos_sum: torch.Tensor, sin_sum: torch.Tensor, n: int | torch.Tensor,
-                        w: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """EP averaged over (T, M) from the (T, M, K) sums over `n` samples."""
-    re = cos_sum / n
-    im = sin_sum / n
-    err = (re - phi) ** 2 + im ** 2  # (T, M, K)
-    ep = (err * w).sum(-1) * n  # (T, M)
-    return ep.mean()
 
 
 class _AllReduceSum(torch.autograd.Function):

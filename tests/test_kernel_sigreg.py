@@ -353,7 +353,7 @@ def test_knots_are_cached_per_device_dtype_and_count():
     t1, w1, p1 = knots_and_weights(17, 3.0)
     t2, w2, p2 = knots_and_weights(17, 3.0, device="cpu", dtype=torch.float32)
     assert t1 is t2 and w1 is w2 and p1 is p2
-    fresh = ks._build_knots(17, 3.0, torch.device("cpu"), torch.float32)
+    fresh = ks.build_knots(17, 3.0, torch.device("cpu"), torch.float32)
     for x, y in zip((t1, w1, p1), fresh):
         assert torch.equal(x, y)
     t64, _, _ = knots_and_weights(17, 3.0, dtype=torch.float64)
