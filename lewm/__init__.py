@@ -9,7 +9,8 @@
 """
 from .config import Config, DataConfig, ModelConfig, PlanConfig, SIGRegConfig, TrainConfig, preset, preset_names
 from .model import LeWM
-from .sigreg import SIGReg, effective_rank, sigreg
+from . import sigreg  # the module, callable: lewm.sigreg(z, directions) is lewm.sigreg.sigreg(...)
+from .sigreg import SIGReg, effective_rank
 
 __version__ = "0.1.0"
 

@@ -319,9 +319,8 @@ _PRESETS: dict[str, dict] = {
         "data": {"episodes": 300, "max_steps": 100, "image_size": 32},
     },
     # The CPU quickstart: TwoRoom at 32 px with the tiny architecture and the reference's TwoRoom CEM
-    # (300 x 30 x 10). Measured on 1000 collected episodes: 96% success vs 34% random after 3000
-    # steps (~100 s on one core); a 4x wider model (64-d latent, 3+3 layers) reached only 64% in
-    # twice the time, so on a CPU budget the small model wins.
+    # (300 x 30 x 10); why this size (a wider model learned less in twice the time) and what it
+    # reaches: README, Quickstart.
     "tworoom-cpu": {
         "env": "tworoom",
         "model": {
@@ -338,9 +337,8 @@ _PRESETS: dict[str, dict] = {
         "plan": {"samples": 300, "elites": 30, "iterations": 10},
         "data": {"episodes": 1000, "max_steps": 100, "image_size": 32, "env_kwargs": {"render": "direct"}},
     },
-    # PushT at CPU scale, 64 px: measured 18% success (95% CI 10-31%) vs 8% random after 6000 steps
-    # (~24 min on 2 shared cores); linear probes: agent r 0.98, block r 0.91, angle not decodable. A CPU
-    # data point, not the paper's setting (PushT needs the full model: preset "pusht" on a GPU).
+    # PushT at CPU scale, 64 px: a CPU data point, not the paper's setting (PushT needs the full model:
+    # preset "pusht" on a GPU); its measured success and probes: README.
     "pusht-cpu": {
         "env": "pusht",
         "model": {

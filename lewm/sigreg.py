@@ -16,6 +16,8 @@ Triton kernel accumulates without materialising (T, B, M, K).
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import torch
 import torch.nn as nn
@@ -205,3 +207,15 @@ def effective_rank(z: torch.Tensor, floor: float = 1e-2) -> float:
     p = s / s.sum()
     p = p[p > 0]
     return float(math.exp(float(-(p * p.log()).sum())))
+
+
+class _CallableModule(types.ModuleType):
+    """`lewm.sigreg` is this module, and calling it is `sigreg(...)`: `lewm.sigreg(z, directions)` and
+    `lewm.sigreg.draw_directions(...)` both work (the package exports the module, not a function that
+    would hide it)."""
+
+    def __call__(self, *args, **kwargs):
+        return sigreg(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

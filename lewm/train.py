@@ -290,8 +290,8 @@ class Trainer:
 
         Training normalises with each batch's own statistics; eval mode (validation, planning, probes)
         uses the running statistics, an EMA with momentum 0.1 that lags behind the weights while the
-        learning rate is high (measured on the quickstart: an eval-mode loss of 0.5-11 on training and
-        held-out clips alike while the batch-statistics loss was 0.02-0.06). So the statistics are
+        learning rate is high (on the quickstart, an eval-mode loss orders of magnitude above the
+        batch-statistics loss, on training and held-out clips alike: README). So the statistics are
         re-estimated before every validation and checkpoint. Deterministic (batches drawn from
         (seed, step)), no global RNG used (dropout off), weights untouched: a resumed run matches."""
         bns = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]

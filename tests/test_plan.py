@@ -175,3 +175,24 @@ def test_wilson_interval():
     lo, hi = wilson_interval(25, 50)
     assert lo == pytest.approx(0.3664, abs=1e-3) and hi == pytest.approx(0.6336, abs=1e-3)
     assert wilson_interval(0, 50)[0] == 0.0 and wilson_interval(50, 50)[1] == 1.0
+
+
+@pytest.mark.parametrize("name", ["cem", "mppi", "gradient", "random"])
+def test_planning_leaves_the_callers_model_mode_alone(tiny_model, name):
+    """A planner plans in eval mode (BatchNorm running statistics) whatever mode the caller's model is
+    in, and leaves that mode as it was: a model in training mode plans as the same model in eval mode."""
+    kw = dict(samples=16, iterations=2) if name != "cem" else dict(samples=16, elites=4, iterations=2)
+    pl = make_planner(name, tiny_model, **kw)
+    assert not tiny_model.training
+    start, goal = _frames(2, 6), _frames(2, 7)
+    noise = torch.rand(pl.noise_shape(2), generator=torch.Generator().manual_seed(8))
+    ref = pl.plan(start, goal, noise=noise)
+    tiny_model.train()
+    try:
+        pl2 = make_planner(name, tiny_model, **kw)
+        assert tiny_model.training  # building a planner does not switch the caller's model
+        got = pl2.plan(start, goal, noise=noise)
+        assert tiny_model.training  # nor does planning
+        torch.testing.assert_close(got.raw_actions, ref.raw_actions, rtol=1e-5, atol=1e-5)
+    finally:
+        tiny_model.eval()

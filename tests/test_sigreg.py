@@ -106,3 +106,12 @@ def test_bad_inputs():
         sigreg_tbd(torch.zeros(2, 4, 5), torch.zeros(6, 3))
     with pytest.raises(ValueError, match="unknown sigreg.impl"):
         sigreg_tbd(torch.zeros(2, 4, 5), torch.zeros(5, 3), impl="cuda-magic")
+
+
+def test_lewm_sigreg_is_the_module_and_callable():
+    """`import lewm.sigreg` keeps the submodule reachable (the package once bound the function over it)."""
+    import lewm.sigreg
+    assert callable(lewm.sigreg) and hasattr(lewm.sigreg, "draw_directions")
+    z = torch.randn(16, 2, 8, generator=torch.Generator().manual_seed(0))
+    A = lewm.sigreg.draw_directions(8, 32, seed=3)
+    assert torch.equal(lewm.sigreg(z, A), lewm.sigreg.sigreg(z, A))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .format import DataError, DatasetInfo, inspect, open_h5
+from .format import DataError, DatasetInfo, block_rows, inspect, open_h5
 
 
 def _read(path, column: str, fn, where: str = ""):
@@ -136,7 +136,7 @@ class ClipDataset(torch.utils.data.Dataset):
             H, W = d.shape[1:3]
             out_hw = (size, size) if size else (H, W)
             out = np.empty((n, *out_hw, 3), np.uint8)
-            step = max(100, ((64 << 20) // (H * W * 3)) // 100 * 100)  # ~64 MB, whole 100-row chunks
+            step = block_rows((H, W, 3))  # ~64 MB, whole chunks
             it = range(0, n, step)
             if progress:
                 from tqdm import tqdm

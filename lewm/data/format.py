@@ -34,6 +34,14 @@ import h5py
 REQUIRED = ("pixels", "action", "ep_len", "ep_offset")
 INDEX_COLUMNS = ("ep_len", "ep_offset")
 CHUNK_ROWS = 100
+READ_BLOCK_BYTES = 64 << 20  # how much of a compressed column a reader decodes at a time
+
+
+def block_rows(frame_shape, chunk_rows: int = CHUNK_ROWS, block_bytes: int = READ_BLOCK_BYTES) -> int:
+    """Rows per read of a column with per-row shape `frame_shape` (uint8): about `block_bytes`, a
+    whole number of chunks (so every chunk is decoded once), at least one chunk."""
+    row = int(np.prod(frame_shape))
+    return max(chunk_rows, (block_bytes // max(1, row)) // chunk_rows * chunk_rows)
 
 
 from ..errors import DataError  # noqa: E402

@@ -28,12 +28,12 @@ pose the target (the reference's `set_target_pos(0, goal_privileged_block_0_pos)
 Success (OGBench `_compute_successes`, reference `terminate_at_goal`): ||cube - target|| <= 0.04 m.
 
 Pixels: camera "front_pixels" (OGBench's visual camera) rendered by our own `mujoco.Renderer` at the
-requested size with shadows, reflections and skybox off (~3x faster in software; frames are darker
-than OGBench's own renders). The frame is rendered after the step's kinematics are brought up to
+requested size with shadows, reflections and skybox off (several times faster in software; frames are
+darker than OGBench's own renders). The frame is rendered after the step's kinematics are brought up to
 date (OGBench's own step renders the positions one physics substep behind).
 
-Speed: software rendering is ~15 frames/s at 64 px on 2 CPU cores; stepping without rendering
-~1000 steps/s. Collect on a GPU machine with EGL for real data sets.
+Speed: software rendering dominates collection on a CPU (rates: docs/environments.md); collect on a
+GPU machine with EGL for real data sets.
 """
 from __future__ import annotations
 

@@ -95,12 +95,12 @@ def read_pixels(path, rows: np.ndarray, block_rows: int | None = None):
     """Yield (positions into `rows`, pixels (n, H, W, 3) uint8) for increasing `rows`, reading the
     pixel column a block of whole chunks at a time (a fancy index on a compressed column decodes
     every chunk it touches once per request; whole blocks decode each once)."""
-    from ..data.format import open_h5
+    from ..data.format import block_rows as _block_rows, open_h5
     rows = np.asarray(rows, dtype=np.int64)
     with open_h5(path) as f:
         d = f["pixels"]
         H, W = d.shape[1:3]
-        step = block_rows or max(100, ((64 << 20) // (H * W * 3)) // 100 * 100)
+        step = block_rows or _block_rows((H, W, 3))
         i = 0
         while i < len(rows):
             lo = rows[i] // step * step

@@ -64,10 +64,6 @@ class LeWM(nn.Module):
         z = self.encoder(x).reshape(B, T, -1)
         return z[:, 0] if single else z
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) already-normalised float images -> (N, D)."""
-        return self.encoder(images)
-
     def predict(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """(B, T, D) latents, (B, T, frameskip*action_dim) z-scored macro actions -> (B, T, D).
 
@@ -87,6 +83,11 @@ class LeWM(nn.Module):
 
     @torch.no_grad()
     def rollout(self, z0: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Reference autoregressive rollout (the planner's model; no KV cache), without gradients:
+        `rollout_with_grad` below, which the gradient planner differentiates."""
+        return self.rollout_with_grad(z0, actions)
+
+    def rollout_with_grad(self, z0: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Reference autoregressive rollout (the planner's model; no KV cache).
 
         z0 (N, C, D) context latents (C >= 1 frames), actions (N, H, frameskip*action_dim) z-scored:
@@ -109,22 +110,16 @@ class LeWM(nn.Module):
             z = torch.cat([z, nxt[:, None]], dim=1)
         return torch.stack(preds, dim=1)
 
-    def loss(self, pixels: torch.Tensor | None = None, actions: torch.Tensor | None = None, *,
-             images: torch.Tensor | None = None, step: int = 0, sigreg_weight: float | None = None,
-             directions: torch.Tensor | None = None) -> dict:
+    def loss(self, pixels: torch.Tensor, actions: torch.Tensor, *, step: int = 0,
+             sigreg_weight: float | None = None, directions: torch.Tensor | None = None) -> dict:
         """The two-term loss on a batch of clips.
 
-        pixels (B, T, H, W, 3) uint8, or images (B*T, 3, S, S) preprocessed; actions (B, T, A)
-        z-scored macro actions (NaN -> 0). Returns dict(loss, pred_loss, sigreg, emb)."""
+        pixels (B, T, H, W, 3) uint8; actions (B, T, A) z-scored macro actions (NaN -> 0).
+        Returns dict(loss, pred_loss, sigreg, emb)."""
         lam = self.cfg.sigreg.weight if sigreg_weight is None else sigreg_weight
         with nvtx_range("encode"):
-            if images is None:
-                B, T = pixels.shape[:2]
-                emb = self.encode(pixels)
-            else:
-                B = actions.shape[0]
-                T = images.shape[0] // B
-                emb = self.encoder(images).reshape(B, T, -1)
+            T = pixels.shape[1]
+            emb = self.encode(pixels)
         with nvtx_range("predict"):
             act_emb = self.action_encoder(torch.nan_to_num(actions, nan=0.0))
             ctx = T - 1

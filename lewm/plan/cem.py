@@ -19,6 +19,7 @@ Many environments are planned in one call: every tensor carries a leading E (env
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,21 @@ class PlanResult:
     cost: torch.Tensor  # (E,) predicted cost of the final mean (candidate 0 of the last iteration)
 
 
+def _in_eval_mode(plan):
+    """Wrap a planner's `plan`: the model plans in eval mode (BatchNorm running statistics, no dropout)
+    and is left in the mode the caller had it in."""
+    @functools.wraps(plan)
+    def wrapped(self, *args, **kwargs):
+        was = self.model.training
+        self.model.eval()
+        try:
+            return plan(self, *args, **kwargs)
+        finally:
+            if was:
+                self.model.train(True)
+    return wrapped
+
+
 class Planner:
     """Shared by every planner: input checks, encoding, noise, and mapping plans to raw actions.
 
@@ -40,13 +56,18 @@ class Planner:
     `noise` (iterations, E, samples, horizon, frameskip*A) makes the random draws explicit so two
     planners (or one env vs a batch) can be compared on identical draws."""
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "plan" in cls.__dict__:
+            cls.plan = _in_eval_mode(cls.__dict__["plan"])
+
     def __init__(self, model: LeWM, samples: int = 300, elites: int = 30, iterations: int = 30,
                  horizon: int = 5, var_scale: float = 1.0, seed: int | None = 42):
         if elites > samples:
             raise ValueError(f"elites ({elites}) must be <= samples ({samples})")
         if min(samples, elites, iterations, horizon) <= 0:
             raise ValueError("samples, elites, iterations and horizon must be positive")
-        self.model = model.eval()
+        self.model = model  # put in eval mode only while planning (plan), then as it was
         self.samples, self.elites, self.iterations, self.horizon = samples, elites, iterations, horizon
         self.var_scale = var_scale
         self.generator = None
@@ -107,11 +128,18 @@ class Planner:
         raise NotImplementedError
 
 
+def candidate_context(z0: torch.Tensor, samples: int) -> torch.Tensor:
+    """(E, D) start latents -> (E * samples, 1, D): each env's start as the one-frame context of each of
+    its candidates (a view, no copy until the predictor reads it)."""
+    E, D = z0.shape
+    return z0[:, None, :].expand(E, samples, D).reshape(E * samples, 1, D)
+
+
 def terminal_cost(model: LeWM, z0: torch.Tensor, zg: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """z0 (E, D) start latents, zg (E, D) goal latents, candidates (E, S, H, W) -> (E, S) costs:
     squared L2 between the latent after the last action and the goal latent."""
     E, S = candidates.shape[:2]
-    ctx = z0[:, None, None, :].expand(E, S, 1, z0.shape[-1]).reshape(E * S, 1, -1)
+    ctx = candidate_context(z0, S)
     pred = model.rollout(ctx, candidates.reshape(E * S, *candidates.shape[2:]))[:, -1]  # (E*S, D)
     return (pred.reshape(E, S, -1) - zg[:, None, :]).pow(2).sum(-1)
 

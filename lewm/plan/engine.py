@@ -47,7 +47,7 @@ from lewm_kernels import rollout as _kr
 from lewm_kernels.rollout import RolloutWeights, RolloutWorkspace, fused_rollout, rollout_reference
 
 from ..model import LeWM
-from .cem import Planner, PlanResult
+from .cem import Planner, PlanResult, candidate_context
 
 BACKENDS = ("auto", "triton", "torch", "compile")
 
@@ -223,7 +223,7 @@ class FastPlanner(Planner):
         mean = torch.zeros(E, self.horizon, self.width, device=z0.device)
         std = torch.full_like(mean, self.var_scale)
         idx_shape = (-1, -1, self.horizon, self.width)
-        ctx = z0[:, None, :].expand(E, S, z0.shape[-1]).reshape(E * S, 1, -1)  # once per plan
+        ctx = candidate_context(z0, S)  # once per plan
         for it in range(self.iterations):
             cand = mean[:, None] + std[:, None] * noise[it]  # (E, S, H, Wd)
             cand[:, 0] = mean

@@ -25,25 +25,13 @@ from __future__ import annotations
 import torch
 
 from ..model import LeWM
-from .cem import Planner, PlanResult, terminal_cost
+from .cem import Planner, PlanResult, candidate_context, terminal_cost
 
 
 def rollout_last(model: LeWM, z0: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """Differentiable rollout: z0 (N, C, D) context latents, actions (N, H, frameskip*A) z-scored
-    -> (N, D) the latent after the last action (what `LeWM.rollout(...)[:, -1]` returns)."""
-    N, C, _ = z0.shape
-    H = actions.shape[1]
-    if H < C:
-        raise ValueError(f"rollout needs at least as many actions ({H}) as context frames ({C})")
-    act_emb = model.action_encoder(actions)  # (N, H, D)
-    W = model.mcfg.history
-    z = z0
-    nxt = z0[:, -1]
-    for i in range(C - 1, H):
-        lo = max(0, i + 1 - W)
-        nxt = model.predict_last(z[:, lo:i + 1], act_emb[:, lo:i + 1])
-        z = torch.cat([z, nxt[:, None]], dim=1)
-    return nxt
+    -> (N, D) the latent after the last action (`LeWM.rollout_with_grad(...)[:, -1]`)."""
+    return model.rollout_with_grad(z0, actions)[:, -1]
 
 
 class GradientPlanner(Planner):
@@ -71,7 +59,7 @@ class GradientPlanner(Planner):
     def cost(self, z0: torch.Tensor, zg: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """z0, zg (E, D), x (E, S, H, W) -> (E, S) terminal costs, differentiable in x."""
         E, S = x.shape[:2]
-        ctx = z0[:, None, None, :].expand(E, S, 1, z0.shape[-1]).reshape(E * S, 1, -1)
+        ctx = candidate_context(z0, S)
         pred = rollout_last(self.model, ctx, x.reshape(E * S, *x.shape[2:]))
         return (pred.reshape(E, S, -1) - zg[:, None, :]).pow(2).sum(-1)
 
