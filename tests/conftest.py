@@ -117,3 +117,15 @@ def tworoom_model(tworoom_data, tmp_path_factory):
         ckpt = find_latest(out)
     return ckpt
 # == end TwoRoom fixtures ===========================================================================
+
+
+# == small synthetic data sets for the training tests (test_train.py, test_faults.py) ===============
+def quiet(*a):
+    """A log function that prints nothing."""
+
+
+def synthetic_h5(tmp_path_factory, episodes: int):
+    """`episodes` synthetic episodes of 40 rows at 32 px (lewm.data.synthetic), in a fresh folder."""
+    from lewm.data.synthetic import write_synthetic
+    d = tmp_path_factory.mktemp("syn")
+    return write_synthetic(d / "syn.h5", episodes=episodes, length=40, image_size=32, seed=0)

@@ -21,21 +21,17 @@ import lewm
 import lewm.checkpoint as C
 from lewm.errors import UserError
 from lewm.cli import main as cli
-from lewm.data.synthetic import write_synthetic
 from lewm.checkpoint import find_latest
 from lewm.train import Interrupted, Trainer
+
+from conftest import quiet, synthetic_h5  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def quiet(*a):
-    pass
-
-
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn")
-    return write_synthetic(d / "syn.h5", episodes=16, length=40, image_size=32, seed=0)
+    return synthetic_h5(tmp_path_factory, episodes=16)
 
 
 @pytest.fixture

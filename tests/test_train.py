@@ -14,22 +14,18 @@ import torch
 
 import lewm
 from lewm.collapse import run_collapse
-from lewm.data.synthetic import write_synthetic
 from lewm.errors import UserError
 from lewm.checkpoint import find_latest, load_training
 from lewm.train import Trainer, lr_at
 
+from conftest import quiet, synthetic_h5  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def quiet(*a):
-    pass
 
 
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn")
-    return write_synthetic(d / "syn.h5", episodes=24, length=40, image_size=32, seed=0)
+    return synthetic_h5(tmp_path_factory, episodes=24)
 
 
 def metrics(run):

@@ -135,3 +135,11 @@ def encode_rows(model, path, rows: np.ndarray, batch_size: int = 256, progress: 
     if bar is not None:
         bar.close()
     return out
+
+
+def add_split_seed_device_args(p, split_help: str, seed_help: str) -> None:
+    """The last flags of `lewm probe` and `lewm surprise`: --split, --seed, --device, --no-progress."""
+    p.add_argument("--split", default="heldout", choices=list(SPLITS), help=split_help)
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true")

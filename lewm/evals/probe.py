@@ -42,7 +42,7 @@ import numpy as np
 from ..atomic import write_json
 from ..errors import UserError
 from ..plots import pyplot, save_figure
-from .common import data_env_name, encode_rows, episode_rows, heldout_split, load_model
+from .common import add_split_seed_device_args, data_env_name, encode_rows, episode_rows, heldout_split, load_model
 
 _COLUMN_SPEC = re.compile(r"^(?P<col>[A-Za-z_][\w/.-]*)(\[(?P<a>-?\d*)(?P<colon>:)?(?P<b>-?\d*)\])?$")
 
@@ -374,13 +374,18 @@ def plot_scatter(scatter, png: Path) -> Path:
 
 
 # -- CLI -----------------------------------------------------------------------------------------------
+def _targets_help() -> str:
+    from ..envs.base import env_class, env_names
+    return "; ".join(f"{n} {', '.join(env_class(n).probe_targets)}" for n in env_names() if env_class(n) is not None)
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="linear/MLP probes from frozen embeddings to physical state",
                        description="Fit linear (ridge) and MLP probes from the frozen latent z of single frames to "
                                    "physical quantities on the training episodes, and report MSE (z-scored "
                                    "targets) and Pearson r on the held-out episodes.",
-                       epilog="Targets per environment: pusht agent, block, angle; tworoom agent; cube cube; "
-                              "reacher joints. Writes probe.json and probe_scatter.png with --out.")
+                       epilog=f"Targets per environment: {_targets_help()}. Writes probe.json and probe_scatter.png "
+                              "with --out.")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder (model.safetensors + config.json) or a training run folder (its latest)")
     p.add_argument("--data", required=True, help="HDF5 episodes with the state columns")
@@ -393,11 +398,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=20000, help="training rows used to fit (20000)")
     p.add_argument("--max-eval-rows", type=int, default=10000, help="held-out rows reported (10000)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge lambda, times the number of rows (1e-3)")
-    p.add_argument("--split", default="heldout", choices=["heldout", "all"],
-                   help="report on held-out episodes (default) or on all episodes")
-    p.add_argument("--seed", type=int, default=0, help="row subsampling and MLP initialisation (0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true")
+    add_split_seed_device_args(p, "report on held-out episodes (default) or on all episodes",
+                               "row subsampling and MLP initialisation (0)")
     p.set_defaults(func=main)
     return p
 

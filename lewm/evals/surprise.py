@@ -53,7 +53,7 @@ from ..atomic import write_json
 from ..errors import UserError
 from ..envs.base import Env, swap_red_green
 from ..plots import pyplot, save_figure
-from .common import data_env_name, heldout_split, load_model, read_pixels
+from .common import add_split_seed_device_args, data_env_name, heldout_split, load_model, read_pixels
 
 VARIANTS = ("unperturbed", "visual", "physical")
 
@@ -392,11 +392,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--min-distance", type=float,
                    help="smallest teleport distance in the env's units (tworoom 50 px, pusht 80 px, cube 0.1 m, "
                         "reacher 0.5 rad)")
-    p.add_argument("--split", default="heldout", choices=["heldout", "all"],
-                   help="trajectories from held-out episodes (default) or from all episodes")
-    p.add_argument("--seed", type=int, default=0, help="start rows and teleport positions (0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true")
+    add_split_seed_device_args(p, "trajectories from held-out episodes (default) or from all episodes",
+                               "start rows and teleport positions (0)")
     p.set_defaults(func=main)
     return p
 

@@ -90,13 +90,17 @@ class Planner:
     def noise_shape(self, n_envs: int) -> tuple:
         return (self.iterations, n_envs, self.samples, self.horizon, self.width)
 
-    def draw_noise(self, n_envs: int) -> torch.Tensor:
-        """All the normal draws of one plan, from the planner's generator (seeded once)."""
+    def _rng(self) -> torch.Generator:
+        """The planner's generator on its device, seeded once (with `seed`) at its first use."""
         if self.generator is None:
             self.generator = torch.Generator(device=self.device)
             if self.seed is not None:
                 self.generator.manual_seed(self.seed)
-        return torch.randn(self.noise_shape(n_envs), generator=self.generator, device=self.device)
+        return self.generator
+
+    def draw_noise(self, n_envs: int) -> torch.Tensor:
+        """All the normal draws of one plan, from the planner's generator."""
+        return torch.randn(self.noise_shape(n_envs), generator=self._rng(), device=self.device)
 
     @staticmethod
     def _frames(x: torch.Tensor, name: str) -> torch.Tensor:

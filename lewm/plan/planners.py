@@ -38,11 +38,7 @@ class RandomPlanner(Planner):
         return (n_envs, self.horizon * self.frameskip, self.action_dim)
 
     def draw_noise(self, n_envs: int) -> torch.Tensor:
-        if self.generator is None:
-            self.generator = torch.Generator(device=self.device)
-            if self.seed is not None:
-                self.generator.manual_seed(self.seed)
-        return torch.rand(self.noise_shape(n_envs), generator=self.generator, device=self.device)
+        return torch.rand(self.noise_shape(n_envs), generator=self._rng(), device=self.device)
 
     @torch.no_grad()
     def plan(self, start, goal, noise: torch.Tensor | None = None) -> PlanResult:
