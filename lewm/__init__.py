@@ -20,8 +20,11 @@ def __getattr__(name):
     if name == "plan":
         import importlib
         return importlib.import_module(".plan", __name__)
+    if name == "from_reference":  # a LeWM from the reference's weights.pt + config.json (lewm/convert.py)
+        from .convert import from_reference
+        return from_reference
     raise AttributeError(f"module 'lewm' has no attribute '{name}'")
 
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "PlanConfig", "SIGRegConfig", "TrainConfig", "preset", "preset_names",
-           "LeWM", "SIGReg", "sigreg", "effective_rank", "plan"]
+           "LeWM", "SIGReg", "sigreg", "effective_rank", "plan", "from_reference"]

@@ -16,8 +16,8 @@ A training run folder keeps them as run/checkpoints/step_XXXXXXXX/ with a `lates
 `resolve` accepts any of: a checkpoint folder, a file inside one, a run folder (its latest complete
 checkpoint). `load` refuses a format version it does not know, naming the file.
 
-    from lewm import checkpoint
-    model = checkpoint.load_model("runs/tworoom")                 # LeWM in eval mode
+    model = LeWM.load("runs/tworoom")                              # any form resolve() takes
+    cfg = checkpoint.read_config("runs/tworoom")                  # without loading the weights
     checkpoint.save_training(run, model, opt, step, keep=3, extra={})
 
 This module sits below the model (it handles state dicts and configs, not LeWM itself):
@@ -188,12 +188,6 @@ def read_model(path, map_location="cpu", flag: str | None = None) -> tuple[Confi
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"checkpoint weights {w_file} are unreadable: {e}") from None
     return cfg, state, meta, ckpt
-
-
-def load_model(path, device="cpu", flag: str | None = "--checkpoint"):
-    """The LeWM in `path` (any form `resolve` takes), in eval mode on `device`."""
-    from .model import LeWM
-    return LeWM.load(resolve(path, flag), map_location=device)
 
 
 # -- training checkpoints ----------------------------------------------------------------------------

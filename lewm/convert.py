@@ -2,7 +2,7 @@
 
     lewm convert hf_pusht/ --out ckpt/pusht --data pusht_expert_train.h5   # weights.pt + config.json -> ours
     lewm convert ckpt/pusht --out ref/pusht                               # ours -> weights.pt + config.json
-    model = lewm.LeWM.from_reference("hf_pusht/", data="pusht_expert_train.h5")
+    model = lewm.from_reference("hf_pusht/", data="pusht_expert_train.h5")
 
 A reference checkpoint is a folder holding `weights.pt` (a state dict: the reference's
 `save_pretrained`, its Hugging Face mirror) and `config.json` (the model's Hydra config), or the .pt

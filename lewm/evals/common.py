@@ -47,13 +47,14 @@ def load_model(model, device: str = "auto"):
     `lewm.checkpoint.resolve` takes)."""
     import torch
 
-    from ..checkpoint import load_model as _load, resolve
+    from ..checkpoint import resolve
     from ..config import resolve_device
+    from ..model import LeWM
     dev = resolve_device(device)
     if isinstance(model, torch.nn.Module):
         return model.to(dev).eval(), None
     ckpt = resolve(model)
-    return _load(ckpt, dev), str(ckpt)
+    return LeWM.load(ckpt, map_location=dev), str(ckpt)
 
 
 # -- data --------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_text
-from ..checkpoint import load_model, read_config, read_meta, resolve
+from ..checkpoint import read_config, read_meta, resolve
 from ..config import Config, resolve_device
 from ..errors import UserError, require
 from ..model import LeWM
@@ -420,7 +420,7 @@ def _resolve_model(model, device: str) -> tuple[Config, Any, str | None, dict]:
     ckpt = resolve(model)
     cfg = read_config(ckpt)
     meta = read_meta(ckpt, "--checkpoint")
-    return cfg, (lambda: load_model(ckpt, device)), str(ckpt), meta
+    return cfg, (lambda: LeWM.load(ckpt, map_location=device)), str(ckpt), meta
 
 
 # -- what the episodes are: already solved, drawn from the checkpoint's own data ----------------------

@@ -168,14 +168,6 @@ class LeWM(nn.Module):
         return write_model(path, self.state_dict(), self.cfg.to_dict(), extra)
 
     @classmethod
-    def from_reference(cls, path: str | os.PathLike, data: str | os.PathLike | None = None, **kw) -> "LeWM":
-        """A model from the reference's checkpoint (a folder with weights.pt + config.json, or the .pt):
-        every tensor mapped, nothing unpickled (lewm/convert.py). `data`: the HDF5 file it was trained on,
-        for the action normaliser the reference does not store; `action_stats="identity"` to go without."""
-        from ..convert import from_reference
-        return from_reference(path, data, **kw)
-
-    @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "LeWM":
         """Load a checkpoint folder written by `save`, a file inside one, or a training run folder (its
         latest checkpoint), in eval mode. No pickle; a format version this lewm does not read is refused."""
