@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import cuda_graph
 from .checkpoint import CKPT_DIR, fault_point, find_latest, load_training, save_training, training_config
 from .distributed import init_distributed, shutdown
 from .errors import UserError
@@ -192,57 +193,9 @@ class Trainer:
         return {"loss": out["loss"].detach(), "pred_loss": out["pred_loss"].detach(),
                 "sigreg": out["sigreg"].detach(), "grad_norm": gn.detach(), "emb": out["emb"].detach()}
 
-    def _capture(self, pixels, actions, directions):
-        """Capture the whole step in a CUDA graph. The warm-up steps needed before capture change
-        the weights and AdamW state, so both are restored afterwards: the first replayed step is the
-        same step the eager path would take."""
-        for g in self.opt.param_groups:
-            g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
-        self.static = {"pixels": pixels.clone(), "actions": actions.clone(), "directions": directions.clone(),
-                       "lr": torch.zeros((), device=self.device)}
-        snap = self.snapshot()
-        s = torch.cuda.Stream(self.device)
-        s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                self._graph_body()
-        torch.cuda.current_stream(self.device).wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        # "thread_local": the DataLoader's pin-memory thread keeps allocating pinned host memory while
-        # we capture; in the default "global" mode any such call from another thread breaks the capture
-        with torch.cuda.graph(self.graph, stream=s, capture_error_mode="thread_local"):
-            self.static_out = self._graph_body()
-        self.restore(snap)
-
-    def snapshot(self) -> dict:
-        """Weights, buffers, AdamW state and the RNG states, copied: what the warm-up steps before a CUDA
-        graph capture change. restore() writes them back *in place* (the graph holds the tensors'
-        addresses, so they must stay the same tensors)."""
-        snap = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "opt": {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
-                        for p, st in self.opt.state.items()},
-                "cpu_rng": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            snap["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return snap
-
-    @torch.no_grad()
-    def restore(self, snap: dict) -> None:
-        for k, v in self.model.state_dict().items():
-            v.copy_(snap["model"][k])
-        for p, st in self.opt.state.items():
-            old = snap["opt"].get(p, {})
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    # state the warm-up created (AdamW's moments and step before its first step): zeros,
-                    # which is what a first AdamW step starts from
-                    v.copy_(old[k]) if k in old else v.zero_()
-        torch.set_rng_state(snap["cpu_rng"])
-        if "cuda_rng" in snap:
-            torch.cuda.set_rng_state(snap["cuda_rng"], self.device)
-
-    def _graph_body(self):
-        st = self.static
+    def _graph_body(self, st: dict) -> dict:
+        """The step as the CUDA graph captures it (lewm/cuda_graph.py): inputs from static buffers, the
+        learning rate from a device tensor, gradients zeroed in place."""
         for g in self.opt.param_groups:
             g["lr"].copy_(st["lr"])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
@@ -254,6 +207,13 @@ class Trainer:
         return {"loss": out["loss"].detach(), "pred_loss": out["pred_loss"].detach(),
                 "sigreg": out["sigreg"].detach(), "grad_norm": gn.detach(), "emb": out["emb"].detach()}
 
+    def snapshot(self) -> dict:
+        """What the warm-up steps before a CUDA-graph capture change (cuda_graph.snapshot)."""
+        return cuda_graph.snapshot(self.model, self.opt, self.device)
+
+    def restore(self, snap: dict) -> None:
+        cuda_graph.restore(self.model, self.opt, snap, self.device)
+
     def train_step(self, pixels, actions) -> dict:
         tc = self.cfg.train
         with nvtx_range("data_to_device"):
@@ -263,14 +223,9 @@ class Trainer:
         lr = lr_at(self.step, self.total_steps, tc.lr, tc.warmup_frac)
         if self.cuda_graphs:
             if self.graph is None:
-                self._capture(pixels, actions, directions)
+                self.graph = cuda_graph.GraphedStep(self._graph_body, self.model, self.opt, self.device)
             with nvtx_range("graph_replay"):
-                self.static["pixels"].copy_(pixels)
-                self.static["actions"].copy_(actions)
-                self.static["directions"].copy_(directions)
-                self.static["lr"].fill_(lr)
-                self.graph.replay()
-            out = self.static_out
+                out = self.graph(pixels=pixels, actions=actions, directions=directions, lr=lr)
         else:
             out = self._step_eager(pixels, actions, directions, lr)
         self._bad |= ~torch.isfinite(out["loss"])
@@ -398,80 +353,96 @@ class Trainer:
         """Train to the planned total (or stop early at step `until`, with a checkpoint there)."""
         tc = self.cfg.train
         stop = self.total_steps if until is None else min(until, self.total_steps)
-        out = self.out
         if self.dist.main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(self.cfg.to_json())
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(self.cfg.to_json())
         sampler = BatchSampler(len(self.train_ds), tc.batch_size, tc.seed, self.step, stop,
                                self.dist.rank, self.dist.world)
-        loader = make_loader(self.train_ds, sampler, tc.workers)
-        metrics_f = open(out / "metrics.jsonl", "a") if self.dist.main else None
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        t_last, n_last = time.perf_counter(), 0
-        history = []
-        last = {}
+        log = _RunLog(self, self.out / "metrics.jsonl" if self.dist.main else None)
         prev_handler = self._install_sigint()
         try:
-            for pixels, actions in loader:
+            for pixels, actions in make_loader(self.train_ds, sampler, tc.workers):
                 o = self.train_step(pixels, actions)
-                n_last += pixels.shape[0] * self.dist.world
-                at_log = self.step % tc.log_every == 0 or self.step == stop
-                if at_log:
+                log.samples += pixels.shape[0] * self.dist.world
+                if self.step % tc.log_every == 0 or self.step == stop:
                     self.check_finite("training")
-                    now = time.perf_counter()
-                    emb = o["emb"].float().reshape(-1, o["emb"].shape[-1])
-                    rec = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                           "loss": float(o["loss"]), "pred_loss": float(o["pred_loss"]),
-                           "sigreg": float(o["sigreg"]), "grad_norm": float(o["grad_norm"]),
-                           "lr": lr_at(self.step - 1, self.total_steps, tc.lr, tc.warmup_frac),
-                           "samples_per_s": n_last / max(now - t_last, 1e-9),
-                           "emb_std_mean": float(emb.std(0).mean()), "emb_std_min": float(emb.std(0).min()),
-                           "eff_rank": effective_rank(emb), "time": time.time()}
-                    t_last, n_last = now, 0
-                    last = rec
-                    history.append(rec)
-                    if metrics_f:
-                        metrics_f.write(json.dumps(rec) + "\n")
-                        metrics_f.flush()
-                    if bar:
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", pred=f"{rec['pred_loss']:.4f}",
-                                        sigreg=f"{rec['sigreg']:.3f}", rank=f"{rec['eff_rank']:.1f}",
-                                        sps=f"{rec['samples_per_s']:.0f}")
-                if bar:
-                    bar.update(1)
+                    log.train(o)
+                log.tick()
                 at_ckpt = self.step % tc.ckpt_every == 0 or self.step == stop
                 if at_ckpt or self.step % self.val_every() == 0:
                     val = self.validate()  # re-estimates BatchNorm's statistics first
-                    if val is not None and metrics_f:
-                        metrics_f.write(json.dumps({"step": self.step, "val_pred_loss": val}) + "\n")
-                        metrics_f.flush()
                     if val is not None:
-                        last["val_pred_loss"] = val
-                        if bar:
-                            bar.set_postfix_str(f"{bar.postfix}, held-out={val:.4f}" if bar.postfix else
-                                                f"held-out={val:.4f}")
+                        log.held_out(val)
                     elif at_ckpt:
                         self.recalibrate_bn()  # checkpoints carry statistics that match their weights
                 if at_ckpt:
                     self.save()
                 if self._sigints:
-                    self._save_on_interrupt(saved=at_ckpt, bar=bar)
+                    self._save_on_interrupt(saved=at_ckpt, bar=log.bar)
         finally:
             if prev_handler is not None:
                 signal.signal(signal.SIGINT, prev_handler)
-            if bar:
-                bar.close()
-            if metrics_f:
-                try:
-                    metrics_f.close()
-                except OSError:  # a full disk: the error that stopped the run is the one to report
-                    pass
+            log.close()
         if self.dist.main:
-            plot_curves(out / "metrics.jsonl", out / "curves.png")
-        return last
+            plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+        return log.last
+
+
+class _RunLog:
+    """A run's metrics: metrics.jsonl (rank 0), the progress bar, the last record."""
+
+    def __init__(self, tr: Trainer, metrics: Path | None):
+        self.tr, self.last, self.samples = tr, {}, 0
+        self.f = open(metrics, "a") if metrics is not None else None
+        self.bar = None
+        if tr.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=tr.total_steps, initial=tr.step, desc="train", unit="step", dynamic_ncols=True)
+        self.t_last = time.perf_counter()
+
+    def _write(self, rec: dict) -> None:
+        if self.f:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+
+    def train(self, o: dict) -> None:
+        """A training record from step outputs `o` (device tensors; read here, at log time only)."""
+        tr, tc = self.tr, self.tr.cfg.train
+        now = time.perf_counter()
+        emb = o["emb"].float().reshape(-1, o["emb"].shape[-1])
+        rec = {"step": tr.step, "epoch": tr.step / tr.steps_per_epoch,
+               "loss": float(o["loss"]), "pred_loss": float(o["pred_loss"]),
+               "sigreg": float(o["sigreg"]), "grad_norm": float(o["grad_norm"]),
+               "lr": lr_at(tr.step - 1, tr.total_steps, tc.lr, tc.warmup_frac),
+               "samples_per_s": self.samples / max(now - self.t_last, 1e-9),
+               "emb_std_mean": float(emb.std(0).mean()), "emb_std_min": float(emb.std(0).min()),
+               "eff_rank": effective_rank(emb), "time": time.time()}
+        self.t_last, self.samples, self.last = now, 0, rec
+        self._write(rec)
+        if self.bar:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", pred=f"{rec['pred_loss']:.4f}",
+                                 sigreg=f"{rec['sigreg']:.3f}", rank=f"{rec['eff_rank']:.1f}",
+                                 sps=f"{rec['samples_per_s']:.0f}")
+
+    def held_out(self, val: float) -> None:
+        self._write({"step": self.tr.step, "val_pred_loss": val})
+        self.last["val_pred_loss"] = val
+        if self.bar:
+            self.bar.set_postfix_str(f"{self.bar.postfix}, held-out={val:.4f}" if self.bar.postfix else
+                                     f"held-out={val:.4f}")
+
+    def tick(self) -> None:
+        if self.bar:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        if self.f:
+            try:
+                self.f.close()
+            except OSError:  # a full disk: the error that stopped the run is the one to report
+                pass
 
 
 # -- the command ------------------------------------------------------------------------------------

@@ -134,10 +134,17 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
     """Surprise along unperturbed, visually and physically perturbed trajectories; see the module
     docstring. `checkpoint` is a LeWM or a path. Writes surprise.json and surprise.png under `out`
     when given; returns the results dict."""
-    import torch
-
-    from ..data.format import inspect, open_h5
     t_start = time.perf_counter()
+    ld = _load(checkpoint, data, env, device, frames, t0, window, trajectories, split, seed)
+    rd = _render(ld, seed, min_distance, progress, log)
+    s = _score(ld, rd)
+    return _report(ld, rd, s, split, seed, out, time.perf_counter() - t_start)
+
+
+def _load(checkpoint, data, env, device, frames, t0, window, trajectories, split, seed) -> dict:
+    """Load: the data set, the model, the checks of every argument, the trajectories (episodes and start
+    rows) to evaluate."""
+    from ..data.format import inspect
     info = inspect(data)
     env_name = data_env_name(info, env)
     model, ckpt = load_model(checkpoint, device)
@@ -168,8 +175,17 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
     rng = np.random.default_rng(seed)
     eps = np.sort(rng.permutation(long_enough)[:trajectories])
     starts = np.array([int(info.ep_offset[e]) + int(rng.integers(0, info.ep_len[e] - span + 1)) for e in eps])
-    N = len(eps)
 
+    return dict(info=info, env_name=env_name, model=model, ckpt=ckpt, W=W, fs=fs, K=K, t0=t0, window=window,
+                eps=eps, starts=starts)
+
+
+def _render(ld: dict, seed, min_distance, progress, log) -> dict:
+    """Render: the frames (N, V, K, H, W, 3) of every variant (unperturbed, visual, physical) with the
+    env's own renderer and perturbations, or from the data set where there is no simulator."""
+    from ..data.format import open_h5
+    info, env_name, K, t0, fs, eps, starts = (ld[k] for k in ("info", "env_name", "K", "t0", "fs", "eps", "starts"))
+    N = len(eps)
     size = int(info.image_shape[0])
     # the env after the model: importing timm/triton after a MuJoCo EGL context exists can crash
     sim = _make_env(env_name, size, log)
@@ -246,7 +262,17 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
     if render_diff > 4.0:
         log(f"lewm surprise: warning: the env's renders of the recorded rows differ from the data set's frames by "
             f"{render_diff:.1f}/255 on average (another renderer or version?); all variants use the renders")
+    return dict(px=px, variants=variants, acts=acts, teleports=teleports, sim=sim is not None,
+                visual_doc=(sim or Env).visual_doc, physical_doc=pert.physical_doc if pert is not None else None,
+                min_distance=float(min_distance), render_diff=render_diff)
 
+
+def _score(ld: dict, rd: dict) -> np.ndarray:
+    """Score: embeddings of every frame, the recorded macro actions, surprise (N, V, K - W)."""
+    import torch
+    model, K, W, fs = ld["model"], ld["K"], ld["W"], ld["fs"]
+    px, acts, variants = rd["px"], rd["acts"], rd["variants"]
+    N, size = px.shape[0], px.shape[3]
     # embeddings, macro actions, surprise
     V = len(variants)
     with torch.no_grad():
@@ -256,7 +282,14 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
     macro = np.concatenate([acts, np.zeros((N, fs, acts.shape[-1]), np.float32)], 1).reshape(N, K, fs, -1)
     macro = model.normalize_actions(torch.from_numpy(macro).to(model.action_mean.device)).reshape(N, K, -1)
     macro = macro.repeat_interleave(V, dim=0)  # the same actions for every variant
-    s = surprise_series(model, z, macro).reshape(N, V, K - W)
+    return surprise_series(model, z, macro).reshape(N, V, K - W)
+
+
+def _report(ld: dict, rd: dict, s: np.ndarray, split: str, seed: int, out, seconds: float) -> dict:
+    """Report: per-variant statistics, paired t-tests, the results dict; surprise.json and the two PNGs
+    under `out`."""
+    W, K, t0, window, fs, eps, starts = (ld[k] for k in ("W", "K", "t0", "window", "fs", "eps", "starts"))
+    variants, px, N = rd["variants"], rd["px"], s.shape[0]
     steps = list(range(W, K))
     i0 = t0 - W
 
@@ -277,17 +310,16 @@ def run_surprise(checkpoint, data, env: str | None = None, out=None, device: str
     for a, b in pairs:
         tests[f"{a}_vs_{b}"] = {"at_t0": _ttest(at_t0[a], at_t0[b]), "window_max": _ttest(win_max[a], win_max[b])}
 
-    res = {"env": env_name, "checkpoint": ckpt, "data": str(info.path), "split": split,
+    res = {"env": ld["env_name"], "checkpoint": ld["ckpt"], "data": str(ld["info"].path), "split": split,
            "frames": K, "frameskip": fs, "history": W, "t0": t0, "window": window, "seed": seed,
            "trajectories": N, "episodes": eps.tolist(), "start_rows": starts.tolist(),
-           "frames_from": "env" if sim is not None else "data",
-           "render_vs_data_mean_abs_diff": render_diff, "min_distance": float(min_distance),
-           "perturbations": {"visual": (sim or Env).visual_doc,
-                             "physical": pert.physical_doc if pert is not None else None},
+           "frames_from": "env" if rd["sim"] else "data",
+           "render_vs_data_mean_abs_diff": rd["render_diff"], "min_distance": rd["min_distance"],
+           "perturbations": {"visual": rd["visual_doc"], "physical": rd["physical_doc"]},
            "surprise": "||pred(z_{j-W..j-1}, a_{j-W..j-1}) - enc(o_j)||^2, summed over D",
            "steps": steps, "variants": per_variant, "tests": tests,
            "per_trajectory": {name: s[:, v].tolist() for v, name in enumerate(variants)},
-           "teleported_rows": teleports, "time_s": time.perf_counter() - t_start}
+           "teleported_rows": rd["teleports"], "time_s": seconds}
     res["table"] = format_table(res)
     if out is not None:
         out = Path(out)
