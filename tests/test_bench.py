@@ -24,6 +24,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_planning_latency_quick(tmp_path):
     out = tmp_path / "pl.csv"
     r = _run(["bench/planning_latency.py", "--quick", "--threads", "1", "--csv", str(out)])
@@ -47,6 +48,7 @@ def test_planning_latency_quick(tmp_path):
     assert rows[0]["preset"] == "tiny" and rows[0]["samples"] == "16"
 
 
+@pytest.mark.slow
 def test_planning_latency_mismatch_fails(tmp_path):
     # a tolerance no plan can meet: every check fails, nothing is timed, exit status 1
     out = tmp_path / "pl.csv"
@@ -56,6 +58,7 @@ def test_planning_latency_mismatch_fails(tmp_path):
     assert "FAILED" in r.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_train_throughput_quick(tmp_path):
     out = tmp_path / "tt.csv"
     r = _run(["bench/train_throughput.py", "--quick", "--no-compile", "--threads", "1", "--workers", "0",
@@ -67,6 +70,7 @@ def test_train_throughput_quick(tmp_path):
     assert all(float(row["samples_per_s"]) > 0 for row in _rows(out))
 
 
+@pytest.mark.slow
 def test_trace_scripts_quick(tmp_path):
     r = _run(["profiles/trace_plan.py", "--quick", "--threads", "1", "--out", str(tmp_path)])
     assert r.returncode == 0, r.stdout + r.stderr

@@ -76,6 +76,7 @@ def test_collect_tworoom_layout(tmp_path):
         np.testing.assert_array_equal(v, cols[k][off:off + n], err_msg=k)
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_file(tmp_path):
     a = collect("tworoom", 6, tmp_path / "a.h5", image_size=24, seed=10, workers=1, progress=False)
     b = collect("tworoom", 6, tmp_path / "b.h5", image_size=24, seed=10, workers=2, progress=False)
@@ -102,6 +103,7 @@ def test_collect_pusht_rows_restore_their_frames(tmp_path):
         np.testing.assert_array_equal(env.render(), cols["pixels"][r])
 
 
+@pytest.mark.slow
 def test_collect_reacher_and_cube(tmp_path):
     r = collect("reacher", 1, tmp_path / "r.h5", image_size=24, max_steps=5, progress=False)
     cols, _ = read_all(r)
@@ -155,6 +157,7 @@ def test_bad_policy_and_noise(tmp_path):
     ("test_collect:CrashingEnv", 2, "simulator exploded at step 3"),
     ("test_collect:HardCrashingEnv", 2, "died abruptly"),
 ])
+@pytest.mark.slow
 def test_worker_crash_leaves_nothing(tmp_path, env, workers, text):
     out = tmp_path / "x.h5"
     with pytest.raises(WorkerError, match=text) as e:

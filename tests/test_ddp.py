@@ -36,6 +36,7 @@ def _worker(rank, world, port, z_full, A, q):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_statistic_equals_single_process_on_concatenated_batch():
     g = torch.Generator().manual_seed(0)
     T, B, D, M, world = 3, 24, 8, 16, 2

@@ -70,6 +70,7 @@ def test_fast_equals_reference_torch_backend(model):
 
 
 @pytest.mark.interp
+@pytest.mark.slow
 def test_fast_equals_reference_triton_backend(model):
     """The fused Triton rollout (interpreted on this CPU) inside the whole CEM loop."""
     kw = dict(samples=24, elites=4, iterations=2)
@@ -82,6 +83,7 @@ def test_fast_equals_reference_triton_backend(model):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interp)])
+@pytest.mark.slow
 def test_batched_equals_one_by_one(model, backend):
     kw = dict(samples=24, elites=4, iterations=2) if backend == "triton" else KW
     fast = FastPlanner(model, **kw, backend=backend)

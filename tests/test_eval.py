@@ -57,6 +57,7 @@ def test_start_rows_follow_the_protocol(tworoom_data, untrained_ckpt):
     assert tr.pool_size > setup.pool_size
 
 
+@pytest.mark.slow
 def test_protocol_is_deterministic(tworoom_data, tworoom_model):
     """On a trained model (so plans differ between episodes and most episodes are solved): a rerun, and
     planning the episodes in batches of 2 instead of all at once, execute the same actions."""
@@ -133,6 +134,7 @@ def test_random_policy_actions_in_bounds(tworoom_data, untrained_ckpt):
     assert raw.std() > 0.2  # actually spread over the box
 
 
+@pytest.mark.slow
 def test_trained_model_beats_random_policy(tworoom_data, tworoom_model, untrained_ckpt):
     """The tiny model trained on TwoRoom plans far better than the random policy under the same
     protocol (50 held-out episodes, offset 25, budget 50; the reference reports ~26% for random),
@@ -252,6 +254,7 @@ def test_bad_flags(tworoom_data, untrained_ckpt, capsys, no_work):
 
 
 # -- a protocol a reader can trust (docs/evaluation.md) ------------------------------------------------
+@pytest.mark.slow
 def test_results_do_not_depend_on_batching(tworoom_data, tworoom_model):
     """The same episodes planned 1, 7 and all (11) per call execute the same actions: one random stream
     per episode, and solved episodes leaving the batch change nothing for the others."""

@@ -484,6 +484,7 @@ def _check_sm90_rows(sm, rows):
         assert by["fp32-fast_trig"][name]["mufu"] > 0, report
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter does not check what the compiler does (constexpr-only globals, operand dtypes
     of tl.dot, tile-size minimums, register pressure): compile every kernel specialisation that one

@@ -95,6 +95,7 @@ def test_columns_as_targets(tworoom_data, untrained_ckpt):
     assert "mlp" not in res["targets"]["proprio[0]"]
 
 
+@pytest.mark.slow
 def test_trained_model_probe(tworoom_data, tworoom_model):
     """The trained tiny model's latent holds the agent's position (linearly, and better still through
     an MLP); the same architecture untrained does much worse.

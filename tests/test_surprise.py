@@ -94,6 +94,7 @@ def test_cli_end_to_end(tworoom_data, untrained_ckpt, tmp_path, capsys):
         assert (tmp_path / "s" / png).stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_trained_model_finds_teleportation_surprising(tworoom_data, tworoom_model):
     """Teleporting the agent at t0 gives a much larger prediction error at t0 than the recorded
     trajectory (paired t-test over the held-out trajectories); the recoloured agent too.
