@@ -37,7 +37,6 @@ Rows are appended to profiles/planning_latency.csv (or --csv PATH).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -169,10 +168,9 @@ def extend_header(path, fields) -> None:
     if not rows or rows[0] == fields or rows[0] != fields[:len(rows[0])]:
         return
     rows[0] = list(fields)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    from lewm.atomic import atomic_path
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(rows)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
