@@ -761,11 +761,6 @@ def _rollout_kernel(
     I3 = 3 * HEADS * DH
     INNER = HEADS * DH
     L6D = L * 6 * D
-    d = tl.arange(0, BD)
-    dmask = d < D
-    e = tl.arange(0, BDH)
-    emask = e < DH
-    kk = tl.arange(0, BK)
     done_ptr = ctr_ptr + 1
     arrive_ptr = ctr_ptr + 1 + RB
 
@@ -797,13 +792,16 @@ def _rollout_kernel(
         n = rb * BM + tl.arange(0, BM)
         nmask = n < N
         n64 = n  # int32 offsets (every buffer is checked to hold < 2**31 elements)
-        m2 = nmask[:, None] & dmask[None, :]
         if PERSISTENT:  # the phases before this one, for this row block
             while tl.atomic_add(done_ptr + rb, 0, sem="acquire") < ph:
                 pass
             tl.debug_barrier()
 
+        # (index vectors made where they are used, not once for the whole loop: fewer live registers)
         if typ == 0:  # ACT (split = action j): SiLU(ActionEncoder(a_j)), adaLN's input; context copy
+            d = tl.arange(0, BD)
+            dmask = d < D
+            m2 = nmask[:, None] & dmask[None, :]
             j = sp
             y = _mlp_tile(act_ptr + (n64 * H + j) * A, nmask, A, act_w1, HA, act_b1, 0, HA, act_w2, D, d, dmask,
                           1, DOT, BM, BK, BF, BD)
@@ -813,6 +811,8 @@ def _rollout_kernel(
                 zc = tl.load(z0_ptr + (n64 * C + j)[:, None] * D + d[None, :], mask=m2, other=0.0)
                 tl.store(z_ptr + (n64 * (H + 1) + j)[:, None] * D + d[None, :], zc, mask=m2)
         elif typ == 1:  # MOD (split = (action j, column block c)): the adaLN table, with 1 + scale
+            d = tl.arange(0, BD)
+            kk = tl.arange(0, BK)
             j = sp // NCH
             cols = (sp % NCH) * BD + d
             cmask = cols < L6D
@@ -831,6 +831,9 @@ def _rollout_kernel(
             tl.store(mod_ptr + (n64 * H + j)[:, None] * L6D + cols[None, :], acc,
                      mask=nmask[:, None] & cmask[None, :])
         elif typ == 2:  # ATT (split = a group of HPG heads)
+            e = tl.arange(0, BDH)
+            emask = e < DH
+            kk = tl.arange(0, BK)
             kvrow = kv_ptr + ((l * N + n64) * W) * I3  # (BM,) this layer's cache of each candidate
             me = nmask[:, None] & emask[None, :]
             # q, k, v of the new tokens, for this group's heads, into the cache
@@ -860,11 +863,15 @@ def _rollout_kernel(
                                  mask=nmask[:, None] & qm[None, :])
             tl.debug_barrier()
             # causal attention of each query token (online softmax over <= W keys), once per head and
-            # BE-wide block of its output, then the out projection of that block into every BN-wide block
-            # of the partial sums (added to what the previous blocks left there: the same order of sums
-            # as one accumulator over heads and blocks, so deterministic)
+            # BE-wide block of its output, then the out projection of that block: BN >= BD, into one
+            # register accumulator of the whole output width, stored once; else into every BN-wide block
+            # of the partial sums (added to what the previous blocks left there). Either way the same
+            # order of sums over heads and blocks, so deterministic
             for tq in range(q0, T):
                 prow = part_ptr + ((sp * N + n64) * W + tq) * D
+                if BN >= BD:  # the out projection's whole output width in registers across heads
+                    dw = tl.arange(0, BD)
+                    oacc = tl.zeros((BM, BD), dtype=tl.float32)
                 for hd in range(sp * HPG, sp * HPG + HPG):
                     hb = kvrow[:, None] + hd * DH + e[None, :]
                     for e0 in range(0, DH, BE):  # the head's output in BE-wide column blocks
@@ -887,17 +894,24 @@ def _rollout_kernel(
                             o = o * alpha[:, None] + pj[:, None] * vj
                             m_i = m_new
                         o = o / l_i[:, None]
-                        first = (hd == sp * HPG) & (e0 == 0)
-                        for c0 in range(0, D, BN):
-                            dn = c0 + tl.arange(0, BN)
-                            dnm = dn < D
-                            pm = nmask[:, None] & dnm[None, :]
-                            wt = tl.load(out_w + l * INNER * D + (hd * DH + ec)[:, None] * D + dn[None, :],
-                                         mask=(ec < DH)[:, None] & dnm[None, :], other=0.0)
-                            acc = tl.load(prow[:, None] + dn[None, :], mask=pm & (first == 0), other=0.0,
-                                          cache_modifier=".cg")
-                            acc += _dot(o, wt, DOT)
-                            tl.store(prow[:, None] + dn[None, :], acc, mask=pm)
+                        if BN >= BD:
+                            wt = tl.load(out_w + l * INNER * D + (hd * DH + ec)[:, None] * D + dw[None, :],
+                                         mask=(ec < DH)[:, None] & (dw < D)[None, :], other=0.0)
+                            oacc += _dot(o, wt, DOT)
+                        else:
+                            first = (hd == sp * HPG) & (e0 == 0)
+                            for c0 in range(0, D, BN):
+                                dn = c0 + tl.arange(0, BN)
+                                dnm = dn < D
+                                pm = nmask[:, None] & dnm[None, :]
+                                wt = tl.load(out_w + l * INNER * D + (hd * DH + ec)[:, None] * D + dn[None, :],
+                                             mask=(ec < DH)[:, None] & dnm[None, :], other=0.0)
+                                acc = tl.load(prow[:, None] + dn[None, :], mask=pm & (first == 0), other=0.0,
+                                              cache_modifier=".cg")
+                                acc += _dot(o, wt, DOT)
+                                tl.store(prow[:, None] + dn[None, :], acc, mask=pm)
+                if BN >= BD:
+                    tl.store(prow[:, None] + dw[None, :], oacc, mask=nmask[:, None] & (dw < D)[None, :])
         elif typ == 5:  # RED (split = RR rows): the epilogue of the GEMM phase before it, for RR rows
             if RR > 0:  # (RR = 0: no RED phases, none of this code compiled)
                 _reduce_rows(col14, tl.load(row + 15), rb, sp, T - q0, q0, l, lo, i, last_step, tl.load(row + 11),
@@ -906,17 +920,20 @@ def _rollout_kernel(
                              norm_w, norm_b, N, H, D, L, W, rows_per_goal, eps_mod, eps_attn, eps_mlp, eps_out,
                              HAS_GOAL, BM, RR, BD, MAXS)
         else:  # MLP (split = hidden block of FCW) or HEAD (split = pred_proj hidden block of PCW)
-            for tq in range(q0, T):
-                arow = h_ptr + (n64 * W + tq) * D
-                if typ == 3:
-                    f_lo = sp * FCW
-                    acc = _mlp_tile(arow, nmask, D, fc1_w + l * D * FF, FF, fc1_b + l * FF, f_lo,
-                                    tl.minimum(f_lo + FCW, FF), fc2_w + l * FF * D, D, d, dmask, 2, DOT,
-                                    BM, BK, BF, BD)
-                else:
-                    f_lo = sp * PCW
-                    acc = _mlp_tile(arow, nmask, D, head_w1, P, head_b1, f_lo, tl.minimum(f_lo + PCW, P), head_w2,
-                                    D, d, dmask, 2, DOT, BM, BK, BF, BD)
+            d = tl.arange(0, BD)
+            dmask = d < D
+            m2 = nmask[:, None] & dmask[None, :]
+            if typ == 3:
+                w1p, s_w1, b1p, w2p = fc1_w + l * D * FF, FF, fc1_b + l * FF, fc2_w + l * FF * D
+                f_lo = sp * FCW
+                f_hi = tl.minimum(f_lo + FCW, FF)
+            else:
+                w1p, s_w1, b1p, w2p = head_w1, P, head_b1, head_w2
+                f_lo = sp * PCW
+                f_hi = tl.minimum(f_lo + PCW, P)
+            for tq in range(q0, T):  # one call site for both kinds (one copy of the code)
+                acc = _mlp_tile(h_ptr + (n64 * W + tq) * D, nmask, D, w1p, s_w1, b1p, f_lo, f_hi, w2p, D, d, dmask, 2,
+                                DOT, BM, BK, BF, BD)
                 tl.store(part_ptr + ((sp * N + n64) * W + tq)[:, None] * D + d[None, :], acc, mask=m2)
 
         # arrival; the last item of this (phase, row block) reduces, finishes and marks it done
@@ -1014,26 +1031,34 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
         sms = sms or _sm_count()
         # bf16: wgmma tiles; fp32 (FMA dots, operands in registers): narrower K / hidden / head blocks
         wide = w.dtype != torch.float32
-        # (the persistent kernel holds every kind's code: bf16 needs 2 pipeline stages to stay in registers)
+        # The persistent kernel holds every kind's code and sits near 255 registers; which variant fits
+        # without spilling depends on the compiler (profiles/kernels_sm90.py compiles each for sm_90,
+        # both tritons, at every shape a plan launches: 1, 50, 300 and 15,000 candidates):
+        # bf16: RED phases take the epilogues (spread over items instead of one item alone per row
+        #       block), hidden blocks of 64 (half the dependent K loops of 32), K loops pipelined 3 deep
+        #       after triton 3.6 (2 on 3.6, where 3 spills); after 3.6 without splits (50 envs, every
+        #       head in one item) the attention's out projection accumulates in registers (BN = BD);
+        # fp32: the FMA dots need the registers: the fused epilogue and 3 stages, except after 3.6 with
+        #       several row blocks and splits (1 env, 300 candidates), where RED phases fit with 2
+        #       stages (the split epilogues are the serial tails that dominate there; bench/gpu_model.py;
+        #       one row block, the final rollout of the mean plans, spills with them).
         BM, BK, nw = 64, min(32, _p2(D)), 8
-        BF, BE, BN, ns = 32, (64 if wide else 32), (64 if wide else 32), (2 if wide else 3)
+        BE, BN = (64 if wide else 32), (64 if wide else 32)
+        BF = 64 if wide else 32
         RB = triton.cdiv(N, BM)
         want = max(1, math.ceil(1.5 * sms / RB))
         att = _divisor_at_least(w.heads, min(want, _MAX_SPLITS, w.heads))
         mlp = max(1, min(want, _MAX_SPLITS, triton.cdiv(w.mlp, BF)))
         head = max(1, min(want, _MAX_SPLITS, triton.cdiv(w.proj_hidden, BF)))
-        # bf16: RED phases take the epilogues (spread over items, and their code out of the GEMM items'
-        # way, which frees the registers that let hidden blocks of 64 halve the dependent K loops,
-        # where the compiler fits them: with splits (1 env) and triton > 3.6; profiles/kernels_sm90.py);
-        # fp32: the FMA dots need those registers, so its GEMM phases keep their fused epilogue
-        # The persistent kernel sits at 255 registers, and which variant fits depends on the compiler
-        # (profiles/kernels_sm90.py, both tritons): one row block (the final rollout of each env's mean
-        # plan, RB = 1 a compile-time constant) spills with RED on triton 3.6 and without it later;
-        # hidden blocks of 64 fit only with several row blocks and splits, after 3.6.
         newer = _triton_version() > (3, 6)
-        red = _RED_ROWS if wide and (RB > 1 or newer) else 0
-        if red and RB > 1 and (att > 1 or mlp > 1) and newer:
-            BF = 64
+        if wide:
+            red, ns = _RED_ROWS, (3 if newer else 2)
+            if newer and att == 1:  # all heads per item (50 envs): the out projection in registers,
+                BN, BE = _p2(D), 32  # not through the partial sums once per head (fits with BE 32)
+        elif newer and RB > 1 and (att > 1 or mlp > 1):
+            red, ns = _RED_ROWS, 2
+        else:
+            red, ns = 0, 3
         cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, BN=BN, num_warps=nw, num_stages=ns, att_splits=att,
                    mlp_splits=mlp, head_splits=head, persistent=True, programs=sms, red_rows=red, qkv_fused=wide,
                    red_group=4)
@@ -1159,7 +1184,7 @@ def phase_costs(w: RolloutWeights, phases: list, cfg: RolloutConfig) -> list:
     D, BD, I3, DH = w.dim, _p2(w.dim), 3 * w.inner, w.dim_head
     BM, BK, BF, ns_ = cfg.BM, cfg.BK, cfg.BF, cfg.num_stages
     BC = min(64, BD)
-    BN, BE = min(cfg.BN, BD), min(cfg.BE, _p2(DH))
+    BN, BE = min(cfg.BN, BD), min(cfg.BE, _p2(DH))  # (as the launch clamps them)
     nch = triton.cdiv(D, BC)
     kl = _loop_trips(triton.cdiv(D, BK), ns_)
     Ha = w.act_w1.shape[1]
@@ -1198,13 +1223,17 @@ def phase_costs(w: RolloutWeights, phases: list, cfg: RolloutConfig) -> list:
             hpg = w.heads // ns
             qw = 4 * _p2(DH) if cfg.qkv_fused else 3 * DH  # the q|k|v tile's width (fused: padded)
             fl = 2 * BM * tn * D * qw * hpg + 2 * BM * tq * DH * BD * hpg
-            rd = hpg * (D * 3 * DH + DH * D) * wb + BM * tn * D * wb + BM * p["T"] * 3 * DH * hpg * wb
+            # the weights are re-read per token: q|k|v per new token, the out projection per query token
+            rd = hpg * (tn * D * 3 * DH + tq * DH * D) * wb + BM * tn * D * wb + BM * p["T"] * 3 * DH * hpg * wb
             blocks = hpg * triton.cdiv(DH, BE)  # (head, output block) pairs: one softmax each
-            # the partial sums: written per block, re-read by every block after the first
-            wr = BM * tn * 3 * DH * hpg * wb + BM * tq * D * 4 * blocks
-            rd += BM * tq * D * 4 * (blocks - 1)
-            nbn = triton.cdiv(D, BN)
-            att = sum(blocks * (t + 2) + blocks * nbn + (blocks - 1) * nbn for t in range(p["q0"], p["T"]))
+            if BN >= BD:  # the out projection accumulated in registers, its partial sums written once
+                wr = BM * tn * 3 * DH * hpg * wb + BM * tq * D * 4
+                att = sum(blocks * (t + 2) + blocks for t in range(p["q0"], p["T"]))
+            else:  # the partial sums: written per block, re-read by every block after the first
+                wr = BM * tn * 3 * DH * hpg * wb + BM * tq * D * 4 * blocks
+                rd += BM * tq * D * 4 * (blocks - 1)
+                nbn = triton.cdiv(D, BN)
+                att = sum(blocks * (t + 2) + blocks * nbn + (blocks - 1) * nbn for t in range(p["q0"], p["T"]))
             trips = tn * hpg * (1 if cfg.qkv_fused else 3) * kl + att + 1
         elif typ == _RED:
             of, g = p["aux"], p["gsplit"]
@@ -1223,7 +1252,7 @@ def phase_costs(w: RolloutWeights, phases: list, cfg: RolloutConfig) -> list:
         else:
             width = fcw if typ == _MLP else pcw
             fl = 2 * BM * tq * (D * width + width * BD)
-            rd = 2 * D * width * wb + BM * tq * D * wb
+            rd = tq * 2 * D * width * wb + BM * tq * D * wb  # (each token's pass re-reads the weights)
             wr = BM * tq * D * 4
             trips = tq * triton.cdiv(width, BF) * (kl + 1) + 1
         if typ in (_ATT, _MLP, _HEAD) and not p["aux"]:

@@ -40,6 +40,9 @@ interp = pytest.mark.interp  # runs the Triton kernel on CPU tensors (TRITON_INT
 SPLIT = dict(BM=16, att_splits=2, mlp_splits=3, head_splits=2)
 PERSISTENT = dict(SPLIT, persistent=True, programs=3)
 RED = dict(PERSISTENT, red_rows=8)
+# the attention's out projection in BN-wide column blocks through the partial sums (BN < the padded
+# width; the GPU's way at 1 env and in fp32) instead of one accumulator in registers across heads
+NARROW = dict(RED, BN=16, BE=16)
 
 # dims that are not powers of two (masking paths): D 40, 3 heads x 20, MLP 72, pred_proj 48, action width 15
 ODD = {"embed_dim": 40, "pred_heads": 3, "pred_dim_head": 20, "pred_mlp": 72, "proj_hidden": 48,
@@ -151,11 +154,15 @@ def test_fused_matches_model_rollout(tiny, N, C, H):
 def test_fused_odd_dims(odd, N, C, H):
     m, w = odd
     z0, a, goal = inputs(m, N, C, H)
-    assert_close(*fused_rollout(w, z0, a, goal), *model_rollout(m, z0, a, goal))
+    want = model_rollout(m, z0, a, goal)
+    assert_close(*fused_rollout(w, z0, a, goal), *want)
+    if N == 5:  # the out projection in 16-wide blocks of the padded 64: a partial last block
+        assert_close(*fused_rollout(w, z0, a, goal, config=dict(BN=16, BE=16)), *want)
 
 
 @interp
-@pytest.mark.parametrize("config", [SPLIT, PERSISTENT, RED], ids=["split", "persistent", "persistent-red"])
+@pytest.mark.parametrize("config", [SPLIT, PERSISTENT, RED, NARROW],
+                         ids=["split", "persistent", "persistent-red", "persistent-red-narrow-out"])
 def test_fused_several_goals_row_blocks_and_splits(tiny, config):
     """Candidates grouped by goal (N = E * S), several row blocks (the last one partial), every GEMM
     split, one launch per phase or the persistent kernel: the model's answer each time."""
@@ -288,27 +295,34 @@ def test_config_is_dot_sized_and_checked(tiny):
 
 
 def test_gpu_decomposition_at_the_planners_shapes():
-    """What the GPU gets (chosen here without one): wgmma-sized row blocks of 64 candidates in bf16,
-    K / hidden blocks of 32, two pipeline stages in bf16 (what keeps the persistent kernel free of
-    spills: profiles/kernels_sm90.py checks it), one persistent launch; splits only where row blocks are
-    too few to fill the SMs (1 env: 300 candidates), none at 50 envs (15,000)."""
+    """What the GPU gets (chosen here without one): wgmma-sized row blocks of 64 candidates, K blocks
+    of 32, one persistent launch; splits only where row blocks are too few to fill the SMs (1 env: 300
+    candidates), none at 50 envs (15,000). The pipeline depth and where RED phases are used depend on
+    the triton version (what keeps the persistent kernel free of spills there: profiles/kernels_sm90.py
+    checks it)."""
     m = lewm.LeWM(lewm.preset("pusht")).eval()
-    for dtype, stages in ((torch.bfloat16, 2), (torch.float32, 3)):
+    newer = kr._triton_version() > (3, 6)
+    for dtype in (torch.bfloat16, torch.float32):
+        bf16 = dtype == torch.bfloat16
         w = pack_predictor(m, dtype=dtype)
         one, fifty = rollout_config(w, 300, gpu=True, sms=132), rollout_config(w, 15000, gpu=True, sms=132)
-        assert one.BM == fifty.BM == 64 and one.BK == 32 and one.num_stages == stages and one.persistent
+        final = rollout_config(w, 50, gpu=True, sms=132)  # one row block: the mean plans' final rollout
+        assert one.BM == fifty.BM == 64 and one.BK == 32 and one.persistent
         assert one.att_splits > 1 and one.mlp_splits > 1 and 16 % one.att_splits == 0
         assert fifty.att_splits == fifty.mlp_splits == fifty.head_splits == 1
-        # bf16 hands every epilogue to a RED phase (and uses the registers that frees for hidden blocks
-        # of 64); fp32's FMA dots keep the fused epilogue
-        bf16 = dtype == torch.bfloat16
-        assert (one.red_rows > 0) == (fifty.red_rows > 0) == bf16 and one.qkv_fused == bf16
-        assert one.BF == (64 if bf16 and kr._triton_version() > (3, 6) else 32) and fifty.BF == 32
+        # bf16: every epilogue a RED phase, hidden blocks of 64, 3 stages after triton 3.6; fp32: the
+        # fused epilogue and 3 stages, but RED phases (2 stages) with splits and row blocks after 3.6
+        if bf16:
+            assert one.red_rows > 0 and fifty.red_rows > 0 and final.red_rows > 0 and one.qkv_fused
+            assert one.BF == fifty.BF == 64 and one.num_stages == fifty.num_stages == (3 if newer else 2)
+        else:
+            assert fifty.red_rows == final.red_rows == 0 and fifty.num_stages == 3 and not one.qkv_fused
+            assert (one.red_rows > 0) == newer and one.num_stages == (2 if newer else 3) and one.BF == 32
         # the phase list: 2 setup phases, then per step 2 per layer + pred_proj; with RED, each but the
         # first followed by its RED phase
         for c, n in ((one, 300), (fifty, 15000)):
             phases = build_phases(w, n, 1, 5, c)
-            assert len(phases) == (1 + 2 * (1 + 5 * (2 * 6 + 1)) if bf16 else 2 + 5 * (2 * 6 + 1))
+            assert len(phases) == (1 + 2 * (1 + 5 * (2 * 6 + 1)) if c.red_rows else 2 + 5 * (2 * 6 + 1))
             reds = [p for p in phases if p["type"] == 5]
             assert all(p["split"] * c.red_rows >= c.BM * (p["T"] - p["q0"]) for p in reds)
 
