@@ -28,7 +28,8 @@ Per Triton launch (cost dict keys "flops", "hbm_bytes", "l2_bytes", optional "ph
               l2_bytes / a SM's L2 rate with min(items, ctas) SMs reading, trips x LAT) ("trips":
               the item's chain of dependent L2 round trips); the phase takes
               ceil(items / min(ctas, SMs)) x tau + SYNC + max(tail_bytes / SM_L2, tail_trips x LAT)
-              (one resident CTA per SM: the rollout kernel's registers allow no more; the tail:
+              (ROLLOUT_CTAS_PER_SM resident CTAs per SM: the occupancy its sm_90 compile allows,
+              checked against profiles/kernels_sm90.py's by a test; the tail:
               what the phase's last item does alone once every item of its row block arrived, e.g.
               the fused epilogue of a split GEMM); t_work = max(sum of phases, hbm_bytes / HBM)
     t       = GAP + t_work                     (one CUDA-graph kernel node)
@@ -79,6 +80,10 @@ LAT_US = 0.3
 HMMA_FRACTION = 0.5
 HOST_US = (8.0, 12.0)
 SM_L2 = 100e9  # one SM's L2 -> SM bandwidth when the aggregate is not the limit (~50 B per clock)
+# resident CTAs per SM of the persistent rollout kernel: what its sm_90 compile allows (registers, shared
+# memory; profiles/kernels_sm90.csv's ctas_per_sm), checked against that compile by
+# tests/test_kernel_report.py, so the model cannot assume an occupancy the compiler does not give
+ROLLOUT_CTAS_PER_SM = 1
 
 DEVICES = {
     "H100": dict(name="H100 (modelled)", sms=132, tc=790e12, fma=60e12, hbm=3.35e12, l2=5.5e12),
@@ -177,7 +182,7 @@ def _sm_l2(dev: dict, active: int) -> float:
 def _phase_us(p: dict, dev: dict, peak: float, ctas: int) -> float:
     """One phase of a persistent launch (see the module docstring), microseconds."""
     items = max(int(p.get("items", 1)), 1)
-    slots = min(ctas, dev["sms"])  # one resident CTA per SM (the rollout kernel's 255 registers x 8 warps)
+    slots = min(ctas, dev["sms"] * ROLLOUT_CTAS_PER_SM)  # resident CTAs (the compiled occupancy)
     tau = max(p.get("flops", 0) / (peak / dev["sms"]), p.get("l2_bytes", 0) / _sm_l2(dev, min(items, slots)),
               p.get("trips", 0) * LAT_US * 1e-6)
     tail = max(p.get("tail_bytes", 0) / SM_L2, p.get("tail_trips", 0) * LAT_US * 1e-6)

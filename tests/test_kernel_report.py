@@ -160,3 +160,10 @@ def test_planner_and_sigreg_kernels_do_not_spill_and_use_tensor_cores(tmp_path):
         pytest.xfail("kernels not yet launched through lewm_kernels._utils.launch fail the gate:\n"
                      + "\n".join(rep["problems"]))
     assert not rep["problems"], "\n".join(rep["problems"])
+    # the cost model's occupancy of the persistent rollout kernel is the compiled one
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_model as G
+    occ = {int(row["ctas_per_sm"]) for row in rep["rows"] if row["kernel"] == "_rollout_kernel"}
+    assert occ == {G.ROLLOUT_CTAS_PER_SM}, f"compiled CTAs per SM {occ}, bench/gpu_model.py assumes " \
+                                           f"{G.ROLLOUT_CTAS_PER_SM}"
+
