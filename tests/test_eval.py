@@ -256,11 +256,12 @@ def test_bad_flags(tworoom_data, untrained_ckpt, capsys, no_work):
 # -- a protocol a reader can trust (docs/evaluation.md) ------------------------------------------------
 @pytest.mark.slow
 def test_results_do_not_depend_on_batching(tworoom_data, tworoom_model):
-    """The same episodes planned 1, 7 and all (11) per call execute the same actions: one random stream
-    per episode, and solved episodes leaving the batch change nothing for the others."""
-    kw = dict(planner="cem", planner_kw=FAST, episodes=11, device="cpu")
+    """The same 50 episodes (the protocol's number) planned 1, 7 and all 50 per call execute the same
+    actions: one random stream per episode, and solved episodes leaving the batch change nothing for the
+    others."""
+    kw = dict(planner="cem", planner_kw=FAST, episodes=50, device="cpu")
     runs = [evaluate(tworoom_model, "tworoom", tworoom_data, num_envs=n, **kw) for n in (1, 7, None)]
-    assert 2 <= sum(runs[0]["successes"]) <= 10, runs[0]["successes"]  # masking happens, not everything solved
+    assert 2 <= sum(runs[0]["successes"]) <= 48, runs[0]["successes"]  # masking happens, not everything solved
     assert {tuple(r["config"]["planner_kw"].items()) for r in runs} == {tuple(runs[0]["config"]["planner_kw"].items())}
     for r in runs[1:]:
         assert r["start_rows"] == runs[0]["start_rows"]
