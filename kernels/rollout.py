@@ -443,7 +443,8 @@ _PT_COLS = 16  # ints per phase-table row
 
 # Phase-table columns.
 _C_TYPE, _C_START, _C_ITEMS, _C_SPLIT, _C_I, _C_LO, _C_P0, _C_T, _C_Q0, _C_L, _C_LAST, _C_NLO, _C_NP0, _C_NT, \
-    _C_AUX, _C_GSPLIT = range(16)  # AUX: a GEMM/MOD phase's 'RED follows' flag, a RED phase's GEMM kind
+    _C_AUX, _C_GSPLIT = range(16)  # AUX: a GEMM/MOD phase's 'RED follows' flag, a RED phase's GEMM kind;
+# GSPLIT: a RED phase's partial sums per row, an MLP phase's hidden splits when its tokens are items (else 0)
 
 
 @triton.jit
@@ -923,18 +924,28 @@ def _rollout_kernel(
             d = tl.arange(0, BD)
             dmask = d < D
             m2 = nmask[:, None] & dmask[None, :]
+            # an MLP phase with tokens as items (column 15 = its hidden splits gs > 0): item sp is hidden
+            # block sp % gs of token q0 + sp // gs; else every query token of the row block in turn
+            gs = tl.load(row + 15)
+            t_lo = q0
+            t_hi = T
+            sph = sp
+            if gs > 0:
+                t_lo = q0 + sp // gs
+                t_hi = t_lo + 1
+                sph = sp % gs
             if typ == 3:
                 w1p, s_w1, b1p, w2p = fc1_w + l * D * FF, FF, fc1_b + l * FF, fc2_w + l * FF * D
-                f_lo = sp * FCW
+                f_lo = sph * FCW
                 f_hi = tl.minimum(f_lo + FCW, FF)
             else:
                 w1p, s_w1, b1p, w2p = head_w1, P, head_b1, head_w2
-                f_lo = sp * PCW
+                f_lo = sph * PCW
                 f_hi = tl.minimum(f_lo + PCW, P)
-            for tq in range(q0, T):  # one call site for both kinds (one copy of the code)
+            for tq in range(t_lo, t_hi):  # one call site for both kinds (one copy of the code)
                 acc = _mlp_tile(h_ptr + (n64 * W + tq) * D, nmask, D, w1p, s_w1, b1p, f_lo, f_hi, w2p, D, d, dmask, 2,
                                 DOT, BM, BK, BF, BD)
-                tl.store(part_ptr + ((sp * N + n64) * W + tq)[:, None] * D + d[None, :], acc, mask=m2)
+                tl.store(part_ptr + ((sph * N + n64) * W + tq)[:, None] * D + d[None, :], acc, mask=m2)
 
         # arrival; the last item of this (phase, row block) reduces, finishes and marks it done
         tl.debug_barrier()
@@ -1010,6 +1021,9 @@ class RolloutConfig:
     # items of red_rows (candidate, token) rows each; 0: the phase's last item applies it to all BM rows
     red_rows: int = 0
     qkv_fused: bool = False  # a head's q, k and v as one GEMM tile (one K loop) instead of three
+    # with RED phases: an MLP phase of several query tokens has one item per (hidden split, token),
+    # not one per hidden split doing every token in turn (more, shorter items where SMs are idle)
+    token_items: bool = False
     red_group: int = 4  # a RED item loads this many splits' partial sums at once
 
     def as_dict(self) -> dict:
@@ -1059,13 +1073,16 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
             red, ns = _RED_ROWS, 2
         else:
             red, ns = 0, 3
+        # a RED item loads every split's partial sums at once (one dependent round trip, not one per
+        # group of 4: fits without spills on both tritons at every shape)
         cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, BN=BN, num_warps=nw, num_stages=ns, att_splits=att,
                    mlp_splits=mlp, head_splits=head, persistent=True, programs=sms, red_rows=red, qkv_fused=wide,
-                   red_group=4)
+                   red_group=_MAX_SPLITS, token_items=bool(red) and mlp > 1)
     else:
         cfg = dict(BM=_p2(N, hi=64), BK=_p2(D, hi=128), BF=_p2(max(w.mlp, w.proj_hidden, w.act_w1.shape[1]), hi=256),
                    BE=_p2(w.dim_head), BN=_p2(D), num_warps=4, num_stages=1, att_splits=1, mlp_splits=1,
-                   head_splits=1, persistent=False, programs=2, red_rows=0, qkv_fused=False, red_group=4)
+                   head_splits=1, persistent=False, programs=2, red_rows=0, qkv_fused=False, red_group=4,
+                   token_items=False)
     if override:
         unknown = set(override) - set(cfg)
         if unknown:
@@ -1122,11 +1139,14 @@ def build_phases(w: RolloutWeights, N: int, C: int, H: int, cfg: RolloutConfig) 
     def add(typ, nsplit, i=0, lo=0, p0=0, T=0, q0=0, l=0, last=0, nxt=(0, 0, 0)):
         p = dict(type=typ, split=nsplit, i=i, lo=lo, p0=p0, T=T, q0=q0, l=l, last=last,
                  nlo=nxt[0], np0=nxt[1], nT=nxt[2], aux=0, gsplit=0)
+        psplit = nsplit  # partial sums per (row, token)
+        if typ == _MLP and RR and cfg.token_items and T - q0 > 1:  # tokens as items (gsplit: hidden splits)
+            p.update(split=nsplit * (T - q0), gsplit=nsplit)
         phases.append(p)
         if RR and typ != _ACT:  # its epilogue as a phase of RED items of RR rows
             p["aux"] = 1
             # rows per candidate (the kernel's nt = T - q0): its query tokens (pred_proj: the last one)
-            red = dict(p, type=_RED, aux=typ, gsplit=nsplit)
+            red = dict(p, type=_RED, aux=typ, gsplit=psplit)
             if typ == _MOD:
                 red.update(T=1, q0=0)  # one row per candidate
             red["split"] = triton.cdiv(cfg.BM * (red["T"] - red["q0"]), RR)
@@ -1251,6 +1271,8 @@ def phase_costs(w: RolloutWeights, phases: list, cfg: RolloutConfig) -> list:
             fl, wr = 0, 0
         else:
             width = fcw if typ == _MLP else pcw
+            if typ == _MLP and p["gsplit"]:  # tokens as items: one token each
+                tq = 1
             fl = 2 * BM * tq * (D * width + width * BD)
             rd = tq * 2 * D * width * wb + BM * tq * D * wb  # (each token's pass re-reads the weights)
             wr = BM * tq * D * 4
@@ -1294,7 +1316,7 @@ class RolloutWorkspace:
         self.costs = phase_costs(w, self.phases, config)  # per phase, for launch records (the cost model)
         self.rb = triton.cdiv(N, config.BM)
         self.total = self.phases[-1]["start"] + self.phases[-1]["items"]
-        splits = max(p["split"] for p in self.phases if p["type"] in (_ATT, _MLP, _HEAD))
+        splits = max(p["gsplit"] or p["split"] for p in self.phases if p["type"] in (_ATT, _MLP, _HEAD))
         self.max_split = splits
         self.ptab = _phase_table(self.phases, dev)
         self.ctr = torch.zeros(1 + 2 * self.rb, device=dev, dtype=torch.int32)

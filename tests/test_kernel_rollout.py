@@ -43,6 +43,8 @@ RED = dict(PERSISTENT, red_rows=8)
 # the attention's out projection in BN-wide column blocks through the partial sums (BN < the padded
 # width; the GPU's way at 1 env and in fp32) instead of one accumulator in registers across heads
 NARROW = dict(RED, BN=16, BE=16)
+# an MLP phase of several query tokens as one item per (hidden split, token) (the GPU's way at 1 env)
+TOKENS = dict(RED, token_items=True)
 
 # dims that are not powers of two (masking paths): D 40, 3 heads x 20, MLP 72, pred_proj 48, action width 15
 ODD = {"embed_dim": 40, "pred_heads": 3, "pred_dim_head": 20, "pred_mlp": 72, "proj_hidden": 48,
@@ -161,8 +163,9 @@ def test_fused_odd_dims(odd, N, C, H):
 
 
 @interp
-@pytest.mark.parametrize("config", [SPLIT, PERSISTENT, RED, NARROW],
-                         ids=["split", "persistent", "persistent-red", "persistent-red-narrow-out"])
+@pytest.mark.parametrize("config", [SPLIT, PERSISTENT, RED, NARROW, TOKENS],
+                         ids=["split", "persistent", "persistent-red", "persistent-red-narrow-out",
+                              "persistent-red-token-items"])
 def test_fused_several_goals_row_blocks_and_splits(tiny, config):
     """Candidates grouped by goal (N = E * S), several row blocks (the last one partial), every GEMM
     split, one launch per phase or the persistent kernel: the model's answer each time."""
@@ -318,6 +321,8 @@ def test_gpu_decomposition_at_the_planners_shapes():
         else:
             assert fifty.red_rows == final.red_rows == 0 and fifty.num_stages == 3 and not one.qkv_fused
             assert (one.red_rows > 0) == newer and one.num_stages == (2 if newer else 3) and one.BF == 32
+        # with RED phases and splits (1 env), the MLP phases of several tokens have an item per token
+        assert one.token_items == (one.red_rows > 0) and not fifty.token_items
         # the phase list: 2 setup phases, then per step 2 per layer + pred_proj; with RED, each but the
         # first followed by its RED phase
         for c, n in ((one, 300), (fifty, 15000)):
@@ -343,7 +348,17 @@ def test_launches_recorded_without_running(tiny):
     with _utils.record_launches() as rec:
         fused_rollout(w, z0, a, goal, config={"persistent": False})
     assert len(rec) == 67 and {r.meta["KIND"] for r in rec} == {0, 1, 2, 3, 4}
-    assert sum(r.ctas for r in rec) == sum(p["items"] for p in phases if not p["name"].startswith("reduce"))
+    # the same items (one launch per phase has no RED phases, so no MLP items per token either)
+    with _utils.record_launches() as rec1:
+        fused_rollout(w, z0, a, goal, config={"token_items": False})
+    gemm = [p for p in rec1[0].cost["phases"] if not p["name"].startswith("reduce")]
+    assert sum(r.ctas for r in rec) == sum(p["items"] for p in gemm)
+    # tokens as items: the MLP phases of 3 query tokens (the sliding window's steps 3 and 4, but not the
+    # last layer's, which runs the last token alone) have 3 times the items
+    tok = {p["name"]: p["items"] for p in phases}
+    three = {p["name"] for p in gemm if p["name"].startswith("mlp") and p["name"].endswith(("step3", "step4"))
+             and " l5 " not in p["name"]}
+    assert len(three) == 10 and all(tok[p["name"]] == p["items"] * (3 if p["name"] in three else 1) for p in gemm)
     assert all(r.cost["phases"][0]["tail_bytes"] > 0 for r in rec if r.meta["KIND"] >= 2)
 
 
