@@ -24,6 +24,7 @@ COMMANDS = {
     "collapse": ("lewm.collapse", "train with lambda 0 and 0.09 and compare effective rank"),
     "quickstart": ("lewm.quickstart", "collect, train and evaluate TwoRoom on this machine"),
     "convert": ("lewm.convert", "reference checkpoint (weights.pt) to ours, or back"),
+    "idm": ("lewm.train_idm", "train the inverse-dynamics head (planner idm, --init idm)"),
 }
 
 

@@ -551,6 +551,16 @@ def evaluate(model, env: str, data, *, planner: str = "cem", planner_kw: dict | 
         for note in setup.notes:
             log(f"note: {note}")
     kw = dict(planner_kw or {})
+    idm_src = None
+    if planner == "idm" or kw.get("init") == "idm":  # the inverse-dynamics head (lewm/plan/idm.py)
+        from ..plan.idm import IDMHead, load_idm
+        head = kw.get("idm")
+        if not isinstance(head, IDMHead):
+            if head is None and ckpt is None:
+                raise UserError("planner 'idm' / --init idm needs the IDM head: give --idm PATH")
+            idm_src = str(head or ckpt)
+            head = load_idm(idm_src, device)
+        kw["idm"] = head
     steps_per_round = receding * net.mcfg.frameskip
     record = set(range(min(int(videos), episodes)))
     planner_seeds = [int(seed) + k for k in range(seeds)]
@@ -598,6 +608,8 @@ def evaluate(model, env: str, data, *, planner: str = "cem", planner_kw: dict | 
     pk = {k: getattr(pl, k) for k in ("samples", "elites", "iterations", "horizon", "var_scale", "seed",
                                       "temperature", "lr", "weight_decay") if hasattr(pl, k)}
     pk["seed"] = planner_seeds[0]
+    if kw.get("init") or planner == "idm":
+        pk.update(init=kw.get("init", "zeros"), idm=idm_src or "given")
     results["config"] = {
         "checkpoint": ckpt, "data": str(setup.data), "data_env": setup.data_env, "split": split,
         "pool_rows": setup.pool_size, "episodes": episodes, "goal_offset": goal_offset, "budget": budget,
@@ -689,6 +701,9 @@ def add_parser(sub) -> None:
     p.add_argument("--elites", type=int, help="CEM/MPPI elites")
     p.add_argument("--temperature", type=float, help="MPPI temperature (0.5)")
     p.add_argument("--lr", type=float, help="gradient planner learning rate (0.1)")
+    p.add_argument("--init", default="zeros", choices=["zeros", "idm"],
+                   help="CEM's first mean (cem, fast): 0 (the reference) or the IDM head's proposal (lewm idm)")
+    p.add_argument("--idm", help="the IDM head (a folder with idm.safetensors; default: the checkpoint's folder)")
     p.add_argument("--receding-horizon", type=int, help="macro steps executed per plan (5: the whole plan)")
     p.add_argument("--split", default="heldout", choices=["heldout", "all", "train"],
                    help="heldout: episodes held out of training (default); all: every episode (the reference; "
@@ -744,6 +759,10 @@ def main(args) -> int:
         kw["lr"] = args.lr
     if args.planner == "random":
         kw = {}
+    if args.planner == "idm":
+        kw = {"idm": args.idm}
+    elif args.init == "idm":
+        kw.update(init="idm", idm=args.idm)
     res = evaluate(args.checkpoint, args.env, args.data, planner=args.planner, planner_kw=kw,
                    episodes=args.episodes, goal_offset=args.goal_offset, budget=args.budget,
                    receding_horizon=args.receding_horizon, split=args.split, seed=args.seed, device=args.device,

@@ -123,6 +123,15 @@ class Planner:
             raise ValueError(f"noise must have shape {self.noise_shape(E)}, got {tuple(noise.shape)}")
         return start, goal, noise.to(self.device)
 
+    def initial_mean(self, z0: torch.Tensor, zg: torch.Tensor) -> torch.Tensor:
+        """(E, H, Wd) the sampling mean of the first iteration: 0, or the proposal of `self.init` (an
+        IDM head, lewm/plan/idm.py: `init="idm"`), which is also candidate 0 of the first iteration."""
+        init = getattr(self, "init", None)
+        if init is None:
+            return torch.zeros(z0.shape[0], self.horizon, self.width, device=z0.device)
+        init.to(z0.device).eval()
+        return init(z0.float(), zg.float()).float()
+
     def to_raw(self, plan: torch.Tensor) -> torch.Tensor:
         """(E, H, frameskip*A) z-scored -> (E, H*frameskip, A) raw actions."""
         E = plan.shape[0]
@@ -152,20 +161,20 @@ class CEMPlanner(Planner):
     """The eager reference CEM (see the module docstring)."""
 
     def __init__(self, model: LeWM, samples: int = 300, elites: int = 30, iterations: int = 30,
-                 horizon: int = 5, var_scale: float = 1.0, seed: int | None = 42, reencode: bool = False):
+                 horizon: int = 5, var_scale: float = 1.0, seed: int | None = 42, reencode: bool = False,
+                 init=None):
         super().__init__(model, samples, elites, iterations, horizon, var_scale, seed)
-        self.reencode = reencode
+        self.reencode, self.init = reencode, init
 
     @torch.no_grad()
     def plan(self, start, goal, noise: torch.Tensor | None = None) -> PlanResult:
         start, goal, noise = self._inputs(start, goal, noise)
         model = self.model
-        E = start.shape[0]
-        mean = torch.zeros(E, self.horizon, self.width, device=self.device)
+        z0, zg = model.encode(start), model.encode(goal)
+        mean = self.initial_mean(z0, zg)
         std = torch.full_like(mean, self.var_scale)
-        z0 = zg = None
         for it in range(self.iterations):
-            if z0 is None or self.reencode:  # the reference re-encoded both frames every iteration
+            if it > 0 and self.reencode:  # the reference re-encoded both frames every iteration
                 z0, zg = model.encode(start), model.encode(goal)
             cand = mean[:, None] + std[:, None] * noise[it]  # (E, S, H, W)
             cand[:, 0] = mean

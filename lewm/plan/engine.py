@@ -150,8 +150,9 @@ class FastPlanner(Planner):
     def __init__(self, model: LeWM, samples: int = 300, elites: int = 30, iterations: int = 30,
                  horizon: int = 5, var_scale: float = 1.0, seed: int | None = 42, *, backend: str = "auto",
                  dtype: torch.dtype | None = None, cuda_graph: bool | None = None,
-                 kernel_config: dict | None = None, max_graphs: int = 4):
+                 kernel_config: dict | None = None, max_graphs: int = 4, init=None):
         super().__init__(model, samples, elites, iterations, horizon, var_scale, seed)
+        self.init = init  # an IDM head: the first mean is its proposal (lewm/plan/idm.py)
         if backend not in BACKENDS:
             raise ValueError(f"FastPlanner: unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
         if dtype not in (None, torch.float32, torch.bfloat16):
@@ -219,8 +220,8 @@ class FastPlanner(Planner):
     def _cem(self, z0: torch.Tensor, zg: torch.Tensor, noise: torch.Tensor):
         """The whole CEM loop on the device; static shapes, no host synchronisation.
         z0, zg (E, D); noise (iterations, E, S, H, Wd) -> (mean (E, H, Wd), final cost (E,))."""
-        E, S = z0.shape[0], noise.shape[2]
-        mean = torch.zeros(E, self.horizon, self.width, device=z0.device)
+        S = noise.shape[2]
+        mean = self.initial_mean(z0, zg)
         std = torch.full_like(mean, self.var_scale)
         idx_shape = (-1, -1, self.horizon, self.width)
         ctx = candidate_context(z0, S)  # once per plan

@@ -10,7 +10,8 @@ import torch
 from ..errors import UserError
 from ..model import LeWM
 from .cem import CEMPlanner, Planner, PlanResult
-PLANNERS = ("cem", "fast", "mppi", "gradient", "random")
+PLANNERS = ("cem", "fast", "mppi", "gradient", "random", "idm")
+INITS = ("zeros", "idm")
 
 
 # -- planners ----------------------------------------------------------------------------------------
@@ -50,14 +51,28 @@ class RandomPlanner(Planner):
         return PlanResult(z, raw, torch.full((E,), float("nan"), device=self.device))
 
 
-def make_planner(name: str, model: LeWM, **kw) -> Planner:
+def make_planner(name: str, model: LeWM, *, idm=None, init: str | None = None, **kw) -> Planner:
     """A planner by name: "cem" (the eager reference), "fast" (`lewm.plan.engine.FastPlanner`),
-    "mppi", "gradient" or "random".
+    "mppi", "gradient", "random" or "idm" (the inverse-dynamics head alone, `idm=` the head).
+    init="idm" (cem, fast): CEM's first mean is the head's proposal instead of 0.
 
     Defaults come from the model's PlanConfig (samples, elites, iterations, horizon, var_scale,
     seed) for cem/fast/mppi, so they plan with the same sampling budget; the gradient planner keeps
     its own samples (100), steps (30) and lr (0.1). Keyword arguments override (None = default)."""
     kw = {k: v for k, v in kw.items() if v is not None}
+    if init not in (None, *INITS):
+        raise UserError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "idm":
+        if name not in ("cem", "fast"):
+            raise UserError(f"--init idm applies to the CEM planners (cem, fast), not '{name}'")
+        if idm is None:
+            raise UserError("--init idm needs the IDM head (lewm idm; --idm PATH)")
+        from .idm import check_head
+        check_head(idm, model, kw.get("horizon") or model.cfg.plan.horizon)
+        kw["init"] = idm
+    if name == "idm":
+        from .idm import IDMPlanner
+        return IDMPlanner.from_config(model, head=idm, **{k: v for k, v in kw.items() if k in ("horizon", "seed")})
     if name == "cem":
         return CEMPlanner.from_config(model, **kw)
     if name == "fast":
