@@ -137,6 +137,7 @@ def test_report_machinery_on_toy_kernels(tmp_path):
     assert sp["regs"] <= 40 and sp["spill_stores"] > 0 and sp["spill_loads"] > 0 and sp["local_ops"] > 0
 
 
+@pytest.mark.slow
 def test_planner_and_sigreg_kernels_do_not_spill_and_use_tensor_cores(tmp_path):
     """The gate of issue 10: 0 spill bytes in any planner or SIGReg kernel, tensor-core MMA in every
     bf16 GEMM kernel, compiled for sm_90 at the shapes the planner and a training step use."""

@@ -175,6 +175,7 @@ def test_fused_several_goals_row_blocks_and_splits(tiny, config):
 
 
 @interp
+@pytest.mark.slow
 def test_persistent_equals_phased_and_is_deterministic(odd):
     """The persistent kernel runs the same items as the phase-by-phase launches and sums the splits in
     the same fixed order: bitwise the same answer, run after run (here with RED phases of 8 rows, so
