@@ -32,7 +32,7 @@ Benchmark: `python bench/planning_latency.py` (reference re-encoding, reference,
 DINO-WM-cost planner on the same frames and noise, plans checked first; `--backend`, `--dtype` choose
 the fast planner's options); the measured and modelled numbers are in profiles/README.md. On the CPU
 the planner is GEMM-bound and the gain is the FLOP saving; torch.compile of the rollout ("compile")
-costs about a minute of compilation per shape, so "auto" stays eager on the CPU.
+costs a long compilation per shape (profiles/README.md), so "auto" stays eager on the CPU.
 """
 from __future__ import annotations
 
