@@ -116,6 +116,15 @@ def tworoom_model(tworoom_data, tmp_path_factory):
             Trainer(cfg, tworoom_data, out, device="cpu", progress=False, log=lambda *a: None).run()
         ckpt = find_latest(out)
     return ckpt
+def untrained_checkpoint(data, folder):
+    """A tiny LeWM that never trained (seed 0), with the action statistics of `data`, saved in folder/untrained."""
+    import lewm
+    from lewm.data.dataset import ClipDataset
+    torch.manual_seed(0)
+    m = lewm.LeWM(lewm.preset("tiny"))
+    ds = ClipDataset(data, cache="none")
+    m.set_action_stats(ds.action_mean, ds.action_std)
+    return m.save(folder / "untrained")
 # == end TwoRoom fixtures ===========================================================================
 
 

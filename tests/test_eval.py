@@ -16,6 +16,7 @@ from lewm.data.format import inspect
 from lewm.model import LeWM
 from lewm.evals import planning as mpc
 from lewm.evals.planning import evaluate
+from conftest import untrained_checkpoint  # noqa: E402
 
 FAST = {"samples": 16, "elites": 4, "iterations": 2}
 
@@ -30,12 +31,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def untrained_ckpt(tworoom_data, tmp_path_factory):
     """A tiny LeWM that never trained (with the data's action statistics)."""
-    from lewm.data.dataset import ClipDataset
-    torch.manual_seed(0)
-    m = LeWM(lewm.preset("tiny"))
-    ds = ClipDataset(tworoom_data, cache="none")
-    m.set_action_stats(ds.action_mean, ds.action_std)
-    return m.save(tmp_path_factory.mktemp("ckpt") / "untrained")
+    return untrained_checkpoint(tworoom_data, tmp_path_factory.mktemp("ckpt"))
 
 
 def test_start_rows_follow_the_protocol(tworoom_data, untrained_ckpt):

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-import lewm
 from lewm.cli import main as cli
 from lewm.errors import UserError
 from lewm.evals.planning import evaluate
@@ -18,7 +17,7 @@ from lewm.plan.cem import terminal_cost
 from lewm.plan.idm import IDM_CONFIG, IDMHead, IDMPlanner, load_idm
 from lewm.train_idm import fit_idm
 
-from conftest import one_torch_thread
+from conftest import one_torch_thread, untrained_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -26,12 +25,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def ckpt(tworoom_data, tmp_path_factory):
     """A tiny LeWM that never trained (with the data's action statistics), and its IDM head."""
-    from lewm.data.dataset import ClipDataset
-    torch.manual_seed(0)
-    m = LeWM(lewm.preset("tiny"))
-    ds = ClipDataset(tworoom_data, cache="none")
-    m.set_action_stats(ds.action_mean, ds.action_std)
-    path = m.save(tmp_path_factory.mktemp("ckpt") / "untrained")
+    path = untrained_checkpoint(tworoom_data, tmp_path_factory.mktemp("ckpt"))
     with one_torch_thread():
         r = fit_idm(path, tworoom_data, steps=300, max_pairs=4000, device="cpu", progress=False)
     return path, r
