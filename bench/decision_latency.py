@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from lewm.checkpoint import resolve
     from lewm.data.format import inspect
-    from lewm.evals.common import read_pixels
+    from lewm.evals.common import frames_at
     from lewm.evals.planning import qualifying_rows
     from lewm.model import LeWM
     from lewm.plan import make_planner
@@ -47,11 +47,7 @@ def main(argv=None) -> int:
     head = load_idm(ck, dev)
     info = inspect(a.data)
     rows = qualifying_rows(info.ep_len, info.ep_offset, np.arange(info.num_episodes), 25)[: a.envs]
-    both = np.concatenate([rows, rows + 25])
-    px = np.empty((len(both), *info.image_shape), np.uint8)
-    order = np.argsort(both, kind="stable")
-    for pos, block in read_pixels(info.path, both[order]):
-        px[order[pos]] = block
+    px = frames_at(info.path, np.concatenate([rows, rows + 25]), info.image_shape)
     start, goal = torch.from_numpy(px[: a.envs]), torch.from_numpy(px[a.envs:])
     planners = {"idm": make_planner("idm", model, idm=head),
                 "cem (reference)": make_planner("cem", model),

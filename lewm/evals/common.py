@@ -115,6 +115,17 @@ def read_pixels(path, rows: np.ndarray, block_rows: int | None = None):
             i = j
 
 
+def frames_at(path, rows, image_shape) -> np.ndarray:
+    """(len(rows), *image_shape) uint8 pixels of `rows` in the order given (any order, repeats allowed),
+    read through `read_pixels` in increasing row order."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *image_shape), np.uint8)
+    for pos, block in read_pixels(path, rows[order]):
+        out[order[pos]] = block
+    return out
+
+
 def encode_rows(model, path, rows: np.ndarray, batch_size: int = 256, progress: bool = False,
                 desc: str = "encode") -> np.ndarray:
     """(len(rows), D) float32 frozen embeddings (model in eval mode, no grad) of the frames at

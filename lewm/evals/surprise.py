@@ -53,7 +53,7 @@ from ..atomic import write_json
 from ..errors import UserError
 from ..envs.base import Env, swap_red_green
 from ..plots import pyplot, save_figure
-from .common import add_split_seed_device_args, data_env_name, heldout_split, load_model, read_pixels
+from .common import add_split_seed_device_args, data_env_name, frames_at, heldout_split, load_model
 
 VARIANTS = ("unperturbed", "visual", "physical")
 
@@ -219,10 +219,7 @@ def _render(ld: dict, seed, min_distance, progress, log) -> dict:
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=N, desc="trajectories", unit="traj", leave=False)
-    order = np.argsort(frame_rows.reshape(-1), kind="stable")
-    flat = np.empty((N * K, *info.image_shape), np.uint8)
-    for pos, block in read_pixels(info.path, frame_rows.reshape(-1)[order]):
-        flat[order[pos]] = block
+    flat = frames_at(info.path, frame_rows, info.image_shape)
     flat = flat.reshape(N, K, *info.image_shape)  # the data set's own frames of the trajectories
     if flat.shape[2:4] != (size, size):
         raise UserError(f"{info.path}: column 'pixels' must hold square frames, got {flat.shape[2:4]}")
