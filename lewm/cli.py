@@ -25,6 +25,7 @@ COMMANDS = {
     "quickstart": ("lewm.quickstart", "collect, train and evaluate TwoRoom on this machine"),
     "convert": ("lewm.convert", "reference checkpoint (weights.pt) to ours, or back"),
     "idm": ("lewm.train_idm", "train the inverse-dynamics head (planner idm, --init idm)"),
+    "reach": ("lewm.train_reach", "train the reachability head (eval --cost reach | mix)"),
 }
 
 

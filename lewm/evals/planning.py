@@ -561,6 +561,16 @@ def evaluate(model, env: str, data, *, planner: str = "cem", planner_kw: dict | 
             idm_src = str(head or ckpt)
             head = load_idm(idm_src, device)
         kw["idm"] = head
+    reach_src = None
+    if kw.get("cost") in ("reach", "mix"):  # the reachability head (lewm/plan/reach.py)
+        from ..plan.reach import ReachHead, load_reach
+        head = kw.get("reach")
+        if not isinstance(head, ReachHead):
+            if head is None and ckpt is None:
+                raise UserError(f"--cost {kw['cost']} needs the reachability head: give --reach PATH")
+            reach_src = str(head or ckpt)
+            head = load_reach(reach_src, device)
+        kw["reach"] = head
     steps_per_round = receding * net.mcfg.frameskip
     record = set(range(min(int(videos), episodes)))
     planner_seeds = [int(seed) + k for k in range(seeds)]
@@ -610,6 +620,9 @@ def evaluate(model, env: str, data, *, planner: str = "cem", planner_kw: dict | 
     pk["seed"] = planner_seeds[0]
     if kw.get("init") or planner == "idm":
         pk.update(init=kw.get("init", "zeros"), idm=idm_src or "given")
+    if kw.get("cost") not in (None, "l2"):
+        pk.update(cost=kw["cost"], reach=reach_src or "given",
+                  **({"reach_weight": kw.get("reach_weight", 1.0)} if kw["cost"] == "mix" else {}))
     results["config"] = {
         "checkpoint": ckpt, "data": str(setup.data), "data_env": setup.data_env, "split": split,
         "pool_rows": setup.pool_size, "episodes": episodes, "goal_offset": goal_offset, "budget": budget,
@@ -703,6 +716,11 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, help="gradient planner learning rate (0.1)")
     p.add_argument("--init", default="zeros", choices=["zeros", "idm"],
                    help="CEM's first mean (cem, fast): 0 (the reference) or the IDM head's proposal (lewm idm)")
+    p.add_argument("--cost", default="l2", choices=["l2", "reach", "mix"],
+                   help="terminal cost: l2 (the reference: squared latent distance), reach (the reachability "
+                        "head, lewm reach), mix (l2 / D + --reach-weight x reach)")
+    p.add_argument("--reach", help="the reachability head (a folder with reach.safetensors; default: the checkpoint's)")
+    p.add_argument("--reach-weight", type=float, default=1.0, help="the reach term's weight in --cost mix (1.0)")
     p.add_argument("--idm", help="the IDM head (a folder with idm.safetensors; default: the checkpoint's folder)")
     p.add_argument("--receding-horizon", type=int, help="macro steps executed per plan (5: the whole plan)")
     p.add_argument("--split", default="heldout", choices=["heldout", "all", "train"],
@@ -763,6 +781,10 @@ def main(args) -> int:
         kw = {"idm": args.idm}
     elif args.init == "idm":
         kw.update(init="idm", idm=args.idm)
+    if args.cost != "l2":
+        if args.planner == "random":
+            raise UserError(f"--cost {args.cost} applies to the planners that score candidates, not 'random'")
+        kw.update(cost=args.cost, reach=args.reach, reach_weight=args.reach_weight)
     res = evaluate(args.checkpoint, args.env, args.data, planner=args.planner, planner_kw=kw,
                    episodes=args.episodes, goal_offset=args.goal_offset, budget=args.budget,
                    receding_horizon=args.receding_horizon, split=args.split, seed=args.seed, device=args.device,

@@ -68,6 +68,7 @@ class Planner:
         if min(samples, elites, iterations, horizon) <= 0:
             raise ValueError("samples, elites, iterations and horizon must be positive")
         self.model = model  # put in eval mode only while planning (plan), then as it was
+        self.goal_cost = None  # None: squared L2 to the goal latent; else a reach.GoalCost
         self.samples, self.elites, self.iterations, self.horizon = samples, elites, iterations, horizon
         self.var_scale = var_scale
         self.generator = None
@@ -148,13 +149,17 @@ def candidate_context(z0: torch.Tensor, samples: int) -> torch.Tensor:
     return z0[:, None, :].expand(E, samples, D).reshape(E * samples, 1, D)
 
 
-def terminal_cost(model: LeWM, z0: torch.Tensor, zg: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def terminal_cost(model: LeWM, z0: torch.Tensor, zg: torch.Tensor, candidates: torch.Tensor,
+                  goal_cost=None) -> torch.Tensor:
     """z0 (E, D) start latents, zg (E, D) goal latents, candidates (E, S, H, W) -> (E, S) costs:
-    squared L2 between the latent after the last action and the goal latent."""
+    squared L2 between the latent after the last action and the goal latent, or `goal_cost(pred (E, S, D),
+    zg)` (lewm/plan/reach.py: the reachability head, alone or mixed with L2)."""
     E, S = candidates.shape[:2]
     ctx = candidate_context(z0, S)
-    pred = model.rollout(ctx, candidates.reshape(E * S, *candidates.shape[2:]))[:, -1]  # (E*S, D)
-    return (pred.reshape(E, S, -1) - zg[:, None, :]).pow(2).sum(-1)
+    pred = model.rollout(ctx, candidates.reshape(E * S, *candidates.shape[2:]))[:, -1].reshape(E, S, -1)
+    if goal_cost is not None:
+        return goal_cost(pred, zg)
+    return (pred - zg[:, None, :]).pow(2).sum(-1)
 
 
 class CEMPlanner(Planner):
@@ -178,9 +183,9 @@ class CEMPlanner(Planner):
                 z0, zg = model.encode(start), model.encode(goal)
             cand = mean[:, None] + std[:, None] * noise[it]  # (E, S, H, W)
             cand[:, 0] = mean
-            cost = terminal_cost(model, z0, zg, cand)  # (E, S)
+            cost = terminal_cost(model, z0, zg, cand, self.goal_cost)  # (E, S)
             idx = cost.topk(self.elites, dim=1, largest=False).indices  # (E, k)
             elite = torch.gather(cand, 1, idx[:, :, None, None].expand(-1, -1, self.horizon, self.width))
             mean, std = elite.mean(1), elite.std(1)
-        final_cost = terminal_cost(model, z0, zg, mean[:, None])[:, 0]
+        final_cost = terminal_cost(model, z0, zg, mean[:, None], self.goal_cost)[:, 0]
         return PlanResult(mean, self.to_raw(mean), final_cost)

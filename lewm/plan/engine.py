@@ -208,13 +208,15 @@ class FastPlanner(Planner):
             ws = self._workspaces.get(key)
             if ws is None:
                 ws = self._workspaces[key] = RolloutWorkspace(self.weights, *key, config=self.kernel_config)
-            _, cost = fused_rollout(self.weights, ctx, acts, zg, workspace=ws)
+            preds, cost = fused_rollout(self.weights, ctx, acts, zg, workspace=ws)
         elif backend == "compile" and not final:
             if self._compiled is None:
                 self._compiled = torch.compile(rollout_reference, dynamic=False)
-            _, cost = self._compiled(self.weights, ctx, acts, zg, check=False)
+            preds, cost = self._compiled(self.weights, ctx, acts, zg, check=False)
         else:
-            _, cost = rollout_reference(self.weights, ctx, acts, zg, check=False)
+            preds, cost = rollout_reference(self.weights, ctx, acts, zg, check=False)
+        if self.goal_cost is not None:  # the reachability cost (reach.GoalCost) of the final latents, after
+            return self.goal_cost(preds[:, -1].reshape(E, S, -1), zg)  # the rollout (not fused into it)
         return cost.view(E, S)
 
     def _cem(self, z0: torch.Tensor, zg: torch.Tensor, noise: torch.Tensor):

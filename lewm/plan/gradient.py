@@ -80,7 +80,7 @@ class GradientPlanner(Planner):
                 opt.step()
         with torch.no_grad():
             x = x.detach()
-            cost = terminal_cost(model, z0, zg, x)  # (E, S)
+            cost = terminal_cost(model, z0, zg, x, self.goal_cost)  # (E, S)
             best = cost.argmin(1)
             ar = torch.arange(E, device=x.device)
             plan = x[ar, best]

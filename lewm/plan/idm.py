@@ -53,37 +53,48 @@ class IDMHead(nn.Module):
                 "depth": self.depth}
 
 
-def save_idm(head: IDMHead, folder, extra: dict | None = None) -> Path:
-    """idm.safetensors + idm.json into checkpoint folder `folder` (each written atomically)."""
+def save_head(head: nn.Module, folder, stem: str, fmt: str, extra: dict | None = None) -> Path:
+    """`stem`.safetensors + `stem`.json (format `fmt`, the head's config) into checkpoint folder `folder`,
+    each written atomically."""
     from safetensors.torch import save_file
     folder = Path(folder)
-    with atomic_path(folder / IDM_WEIGHTS) as tmp:
+    with atomic_path(folder / f"{stem}.safetensors") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp))
-    write_json({"format": IDM_FORMAT, "head": head.config(), **(extra or {})}, folder / IDM_CONFIG)
-    return folder / IDM_WEIGHTS
+    write_json({"format": fmt, "head": head.config(), **(extra or {})}, folder / f"{stem}.json")
+    return folder / f"{stem}.safetensors"
 
 
-def load_idm(path, device="cpu") -> IDMHead:
-    """The head in `path` (a checkpoint folder holding idm.safetensors, or that file), in eval mode."""
+def load_head(path, stem: str, fmt: str, cls, command: str, device="cpu"):
+    """The head saved by `save_head` in `path` (a checkpoint folder, or its `stem`.safetensors), in eval
+    mode; one message naming the file when it is missing, of another format or unreadable."""
     from safetensors.torch import load_file
     p = Path(path)
     folder = p.parent if p.is_file() else p
-    w, c = folder / IDM_WEIGHTS, folder / IDM_CONFIG
+    w, c = folder / f"{stem}.safetensors", folder / f"{stem}.json"
     for f in (w, c):
         if not f.exists():
-            raise UserError(f"--idm {folder}: no {f.name}; train the head first: lewm idm --checkpoint "
+            raise UserError(f"--{stem} {folder}: no {f.name}; train the head first: lewm {command} --checkpoint "
                             f"{folder} --data FILE")
     try:
         meta = json.loads(c.read_text())
-        if meta.get("format") != IDM_FORMAT:
-            raise CheckpointError(f"{c}: format {meta.get('format')!r}, this lewm reads {IDM_FORMAT}")
-        head = IDMHead(**meta["head"])
+        if meta.get("format") != fmt:
+            raise CheckpointError(f"{c}: format {meta.get('format')!r}, this lewm reads {fmt}")
+        head = cls(**meta["head"])
         head.load_state_dict(load_file(str(w)))
     except CheckpointError:
         raise
     except Exception as e:  # JSON, a missing field, safetensors' own errors, a shape mismatch
-        raise CheckpointError(f"{folder}: the IDM head is unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{folder}: the {stem} head is unreadable ({type(e).__name__}: {e})") from None
     return head.to(device).eval()
+
+
+def save_idm(head: IDMHead, folder, extra: dict | None = None) -> Path:
+    return save_head(head, folder, "idm", IDM_FORMAT, extra)
+
+
+def load_idm(path, device="cpu") -> IDMHead:
+    """The IDM head in `path` (a checkpoint folder holding idm.safetensors, or that file), in eval mode."""
+    return load_head(path, "idm", IDM_FORMAT, IDMHead, "idm", device)
 
 
 def check_head(head: IDMHead, model: LeWM, horizon: int) -> None:
@@ -125,4 +136,4 @@ class IDMPlanner(Planner):
         self.head.to(self.device).eval()
         z0, zg = self.model.encode(start).float(), self.model.encode(goal).float()
         a = self.head(z0, zg).float()
-        return PlanResult(a, self.to_raw(a), terminal_cost(self.model, z0, zg, a[:, None])[:, 0])
+        return PlanResult(a, self.to_raw(a), terminal_cost(self.model, z0, zg, a[:, None], self.goal_cost)[:, 0])

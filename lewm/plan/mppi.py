@@ -46,11 +46,11 @@ class MPPIPlanner(Planner):
         for it in range(self.iterations):
             cand = mean[:, None] + std * noise[it]  # (E, S, H, W)
             cand[:, 0] = mean
-            cost = terminal_cost(model, z0, zg, cand)  # (E, S)
+            cost = terminal_cost(model, z0, zg, cand, self.goal_cost)  # (E, S)
             if self.elites < self.samples:
                 cost, idx = cost.topk(self.elites, dim=1, largest=False)  # (E, k)
                 cand = torch.gather(cand, 1, idx[:, :, None, None].expand(-1, -1, self.horizon, self.width))
             w = torch.softmax(-(cost - cost.min(1, keepdim=True).values) / self.temperature, dim=1)
             mean = (w[:, :, None, None] * cand).sum(1)
-        final_cost = terminal_cost(model, z0, zg, mean[:, None])[:, 0]
+        final_cost = terminal_cost(model, z0, zg, mean[:, None], self.goal_cost)[:, 0]
         return PlanResult(mean, self.to_raw(mean), final_cost)

@@ -51,14 +51,25 @@ class RandomPlanner(Planner):
         return PlanResult(z, raw, torch.full((E,), float("nan"), device=self.device))
 
 
-def make_planner(name: str, model: LeWM, *, idm=None, init: str | None = None, **kw) -> Planner:
+def make_planner(name: str, model: LeWM, *, idm=None, init: str | None = None, cost: str | None = None,
+                 reach=None, reach_weight: float = 1.0, **kw) -> Planner:
     """A planner by name: "cem" (the eager reference), "fast" (`lewm.plan.engine.FastPlanner`),
     "mppi", "gradient", "random" or "idm" (the inverse-dynamics head alone, `idm=` the head).
-    init="idm" (cem, fast): CEM's first mean is the head's proposal instead of 0.
+    init="idm" (cem, fast): CEM's first mean is the head's proposal instead of 0. cost="reach" | "mix"
+    (with reach= the reachability head, lewm/plan/reach.py): the terminal cost; "l2" (default) the reference's.
 
     Defaults come from the model's PlanConfig (samples, elites, iterations, horizon, var_scale,
     seed) for cem/fast/mppi, so they plan with the same sampling budget; the gradient planner keeps
     its own samples (100), steps (30) and lr (0.1). Keyword arguments override (None = default)."""
+    pl = _make_planner(name, model, idm=idm, init=init, **kw)
+    if cost not in (None, "l2"):
+        from .reach import GoalCost
+        pl.goal_cost = GoalCost(cost, reach, reach_weight)
+    return pl
+
+
+def _make_planner(name: str, model: LeWM, *, idm=None, init: str | None = None, **kw) -> Planner:
+    """`make_planner` without the terminal cost."""
     kw = {k: v for k, v in kw.items() if v is not None}
     if init not in (None, *INITS):
         raise UserError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
