@@ -1,6 +1,7 @@
 """Time one decision (one plan for E environments) of the inverse-dynamics head against CEM, on a trained
 checkpoint that has an IDM head (`lewm idm`): planner idm, the eager reference CEM, the fast planner,
-and both CEM planners started from the head's proposal (--init idm). Real frames from the data set (start
+both CEM planners started from the head's proposal (--init idm), and, where the checkpoint also has a
+reachability head (`lewm reach`), both with the reach cost (--cost reach). Real frames from the data set (start
 rows and their goals 25 raw steps later), runs alternated round-robin; a CSV row per planner with its
 ratio to the reference CEM measured in the same run.
 
@@ -54,6 +55,11 @@ def main(argv=None) -> int:
                 "fast": make_planner("fast", model),
                 "cem --init idm": make_planner("cem", model, idm=head, init="idm"),
                 "fast --init idm": make_planner("fast", model, idm=head, init="idm")}
+    if (ck / "reach.safetensors").exists():  # the reachability cost (lewm reach)
+        from lewm.plan.reach import load_reach
+        reach = load_reach(ck, dev)
+        planners.update({"cem --cost reach": make_planner("cem", model, cost="reach", reach=reach),
+                         "fast --cost reach": make_planner("fast", model, cost="reach", reach=reach)})
     fns = {k: (lambda p=p: p.plan(start, goal)) for k, p in planners.items()}
     ts = bu.time_round_robin(fns, a.repeats, bu.sync_fn(dev), warmup=1)
     ref = bu.stats_ms(ts["cem (reference)"])["median"]
