@@ -19,9 +19,10 @@ import torch
 
 from .data.dataset import split_episodes
 from .errors import UserError
-from .evals.common import encode_rows, load_model
+from .evals.common import load_model
 from .evals.planning import qualifying_rows
 from .plan.idm import IDMHead, save_idm
+from .train_heads import add_training_args, check_args, embed_rows, fit_head
 
 
 def _pairs(info, episodes, offset: int, limit: int, rng) -> np.ndarray:
@@ -44,12 +45,7 @@ def fit_idm(checkpoint, data, *, horizon: int | None = None, steps: int = 3000, 
     """Train the head; returns {"head", "train_mse", "heldout_mse", "pairs", ...} and writes
     idm.safetensors + idm.json into the checkpoint folder when `save` (and `checkpoint` is a path)."""
     from .data.format import inspect, open_h5
-    for flag, v in (("--steps", steps), ("--batch-size", batch_size), ("--hidden", hidden), ("--depth", depth),
-                    ("--max-pairs", max_pairs)):
-        if not isinstance(v, int) or v <= 0:
-            raise UserError(f"{flag} must be a positive integer, got {v!r}")
-    if not lr > 0:
-        raise UserError(f"--lr must be positive, got {lr}")
+    check_args(lr, steps=steps, batch_size=batch_size, hidden=hidden, depth=depth, max_pairs=max_pairs)
     t0 = time.perf_counter()
     model, ckpt = load_model(checkpoint, device)
     m = model.mcfg
@@ -69,37 +65,14 @@ def fit_idm(checkpoint, data, *, horizon: int | None = None, steps: int = 3000, 
         actions = np.asarray(f["action"][()], np.float32)
 
     def embed(rows):
-        both = np.unique(np.concatenate([rows, rows + H * fs]))
-        z = encode_rows(model, info.path, both, progress=progress, desc="encode")
-        pos = {int(r): i for i, r in enumerate(both)}
-        zs = torch.from_numpy(z[[pos[int(r)] for r in rows]])
-        zg = torch.from_numpy(z[[pos[int(r) + H * fs] for r in rows]])
-        return zs.to(model.action_mean.device), zg.to(model.action_mean.device)
+        return embed_rows(model, info.path, rows, rows + H * fs, progress=progress)
 
     zs, zg = embed(tr_rows)
     y = _targets(model, actions, tr_rows, H, fs)
     torch.manual_seed(seed)
     head = IDMHead(m.embed_dim, H, m.action_input_dim, hidden, depth).to(zs.device)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="idm", unit="step", leave=False)
-    head.train()
-    for _ in range(steps):
-        b = torch.randint(0, len(tr_rows), (batch_size,), generator=g).to(zs.device)
-        loss = torch.nn.functional.mse_loss(head(zs[b], zg[b]), y[b])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    head.eval()
+    fit_head(head, lambda b: torch.nn.functional.mse_loss(head(zs[b], zg[b]), y[b]), len(tr_rows), steps=steps,
+             batch_size=batch_size, lr=lr, seed=seed, progress=progress, desc="idm")
 
     def mse(rows, z0, z1):
         with torch.no_grad():
@@ -124,15 +97,8 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or training run folder (its latest)")
     p.add_argument("--data", required=True, help="the HDF5 episodes the checkpoint was trained on")
     p.add_argument("--horizon", type=int, help="macro steps predicted (the checkpoint's plan horizon, 5)")
-    p.add_argument("--steps", type=int, default=3000, help="AdamW steps (3000)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--hidden", type=int, default=256, help="MLP width (256)")
-    p.add_argument("--depth", type=int, default=2, help="hidden layers (2)")
     p.add_argument("--max-pairs", type=int, default=50_000, help="training pairs drawn at most (50000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true")
+    add_training_args(p)
     p.set_defaults(func=main)
 
 

@@ -18,8 +18,9 @@ import torch
 
 from .data.dataset import split_episodes
 from .errors import UserError
-from .evals.common import encode_rows, load_model
+from .evals.common import load_model
 from .plan.reach import ReachHead, save_reach
+from .train_heads import add_training_args, check_args, embed_rows, fit_head
 
 
 def _draw_pairs(info, episodes, fs: int, max_steps: int, n: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -47,12 +48,7 @@ def fit_reach(checkpoint, data, *, max_steps: int | None = None, pairs: int = 50
     """Train the head; returns {"head", "train_bce", "heldout_mae", "heldout_order_acc", ...} and writes
     reach.safetensors + reach.json into the checkpoint folder when `save` (and `checkpoint` is a path)."""
     from .data.format import inspect
-    for flag, v in (("--steps", steps), ("--batch-size", batch_size), ("--hidden", hidden), ("--depth", depth),
-                    ("--pairs", pairs)):
-        if not isinstance(v, int) or v <= 0:
-            raise UserError(f"{flag} must be a positive integer, got {v!r}")
-    if not lr > 0:
-        raise UserError(f"--lr must be positive, got {lr}")
+    check_args(lr, steps=steps, batch_size=batch_size, hidden=hidden, depth=depth, pairs=pairs)
     t0 = time.perf_counter()
     model, ckpt = load_model(checkpoint, device)
     fs = int(model.mcfg.frameskip)
@@ -66,34 +62,15 @@ def fit_reach(checkpoint, data, *, max_steps: int | None = None, pairs: int = 50
     dev = model.action_mean.device
 
     def embed(*row_sets):
-        rows = np.unique(np.concatenate(row_sets))
-        z = torch.from_numpy(encode_rows(model, info.path, rows, progress=progress, desc="encode")).to(dev)
-        return [z[torch.from_numpy(np.searchsorted(rows, r))] for r in row_sets]
+        return embed_rows(model, info.path, *row_sets, progress=progress)
 
     za, zb = embed(a, b)
     yt = torch.from_numpy(y).to(dev)
     torch.manual_seed(seed)
     head = ReachHead(model.mcfg.embed_dim, K, hidden, depth).to(dev)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="reach", unit="step", leave=False)
-    head.train()
-    for _ in range(steps):
-        i = torch.randint(0, len(y), (batch_size,), generator=g).to(dev)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head.logits(za[i], zb[i]), yt[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    head.eval()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    fit_head(head, lambda i: bce(head.logits(za[i], zb[i]), yt[i]), len(y), steps=steps, batch_size=batch_size,
+             lr=lr, seed=seed, progress=progress, desc="reach")
     with torch.no_grad():
         out = {"train_bce": float(torch.nn.functional.binary_cross_entropy_with_logits(head.logits(za, zb), yt)),
                "pairs": int(len(y)), "max_steps": K, "steps": steps, "checkpoint": ckpt, "data": str(info.path)}
@@ -137,14 +114,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, help="the separation that counts as unreachable, in macro steps "
                                                  "(2 x the plan horizon: 10)")
     p.add_argument("--pairs", type=int, default=50_000, help="training pairs drawn (50000)")
-    p.add_argument("--steps", type=int, default=3000, help="AdamW steps (3000)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--hidden", type=int, default=256, help="MLP width (256)")
-    p.add_argument("--depth", type=int, default=2, help="hidden layers (2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true")
+    add_training_args(p)
     p.set_defaults(func=main)
 
 

@@ -116,6 +116,12 @@ def tworoom_model(tworoom_data, tmp_path_factory):
             Trainer(cfg, tworoom_data, out, device="cpu", progress=False, log=lambda *a: None).run()
         ckpt = find_latest(out)
     return ckpt
+def random_frames(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    """(n, size, size, 3) uint8 frames of uniform noise from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, size, size, 3), generator=g, dtype=torch.uint8)
+
+
 def untrained_checkpoint(data, folder):
     """A tiny LeWM that never trained (seed 0), with the action statistics of `data`, saved in folder/untrained."""
     import lewm

@@ -17,7 +17,7 @@ from lewm.plan.cem import terminal_cost
 from lewm.plan.idm import IDM_CONFIG, IDMHead, IDMPlanner, load_idm
 from lewm.train_idm import fit_idm
 
-from conftest import one_torch_thread, untrained_checkpoint
+from conftest import one_torch_thread, random_frames, untrained_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -29,11 +29,6 @@ def ckpt(tworoom_data, tmp_path_factory):
     with one_torch_thread():
         r = fit_idm(path, tworoom_data, steps=300, max_pairs=4000, device="cpu", progress=False)
     return path, r
-
-
-def _frames(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
 
 
 def test_fit_saves_beside_the_checkpoint(ckpt):
@@ -52,7 +47,7 @@ def test_idm_planner_acts_from_the_head_and_reports_the_models_cost(ckpt):
     m, head = LeWM.load(path), load_idm(path)
     pl = make_planner("idm", m, idm=head)
     assert isinstance(pl, IDMPlanner)
-    start, goal = _frames(3, 1), _frames(3, 2)
+    start, goal = random_frames(3, 1), random_frames(3, 2)
     res = pl.plan(start, goal)
     with torch.no_grad():
         z0, zg = m.encode(start), m.encode(goal)
@@ -69,7 +64,7 @@ def test_cem_starts_from_the_proposal_in_both_planners(ckpt):
     ref = make_planner("cem", m, idm=head, init="idm", **kw)
     fast = make_planner("fast", m, idm=head, init="idm", backend="torch", **kw)
     assert isinstance(ref, CEMPlanner) and isinstance(fast, FastPlanner)
-    start, goal = _frames(2, 3), _frames(2, 4)
+    start, goal = random_frames(2, 3), random_frames(2, 4)
     with torch.no_grad():
         z0, zg = m.encode(start), m.encode(goal)
     torch.testing.assert_close(ref.initial_mean(z0, zg), head(z0, zg))

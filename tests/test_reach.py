@@ -17,7 +17,7 @@ from lewm.plan.cem import terminal_cost
 from lewm.plan.reach import GoalCost, ReachHead, load_reach
 from lewm.train_reach import fit_reach
 
-from conftest import one_torch_thread, untrained_checkpoint
+from conftest import one_torch_thread, random_frames, untrained_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -28,11 +28,6 @@ def ckpt(tworoom_data, tmp_path_factory):
     with one_torch_thread():
         r = fit_reach(path, tworoom_data, pairs=4000, steps=300, device="cpu", progress=False)
     return path, r
-
-
-def _frames(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
 
 
 def test_fit_saves_beside_the_checkpoint(ckpt):
@@ -69,7 +64,7 @@ def test_reference_and_fast_plan_alike_with_the_reach_cost(ckpt, cost):
     kw = dict(samples=24, elites=4, iterations=2, cost=cost, reach=head)
     ref = make_planner("cem", m, **kw)
     fast = make_planner("fast", m, backend="torch", **kw)
-    start, goal = _frames(2, 3), _frames(2, 4)
+    start, goal = random_frames(2, 3), random_frames(2, 4)
     noise = ref.draw_noise(2)
     a, b = ref.plan(start, goal, noise), fast.plan(start, goal, noise)
     torch.testing.assert_close(a.actions, b.actions, atol=1e-4, rtol=0)
