@@ -157,30 +157,37 @@ def write_model(path, state_dict: dict, config: dict, extra: dict | None = None)
     return path
 
 
-def read_meta(path, flag: str | None = None) -> dict:
-    """config.json of the checkpoint `path` resolves to, format-checked."""
-    ckpt = resolve(path, flag)
+def _meta(ckpt: Path) -> dict:
+    """config.json of checkpoint folder `ckpt`, read once and format-checked."""
     meta = _read_json(ckpt / CONFIG)
     _check_format(meta, ckpt / CONFIG)
     return meta
 
 
-def read_config(path, flag: str | None = "--checkpoint") -> Config:
-    """The model's Config stored in the checkpoint `path` resolves to."""
-    ckpt = resolve(path, flag)
-    meta = _read_json(ckpt / CONFIG)
-    _check_format(meta, ckpt / CONFIG)
+def read_meta(path, flag: str | None = None) -> dict:
+    """config.json of the checkpoint `path` resolves to, format-checked."""
+    return _meta(resolve(path, flag))
+
+
+def config_of(meta: dict, ckpt: Path) -> Config:
+    """The model's Config in `meta` (config.json of checkpoint folder `ckpt`, as read_meta returns it)."""
     try:
         return Config.from_dict(meta["config"])
     except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint config {ckpt / CONFIG} is unreadable: {e}") from None
+        raise CheckpointError(f"checkpoint config {Path(ckpt) / CONFIG} is unreadable: {e}") from None
+
+
+def read_config(path, flag: str | None = "--checkpoint") -> Config:
+    """The model's Config stored in the checkpoint `path` resolves to."""
+    ckpt = resolve(path, flag)
+    return config_of(_meta(ckpt), ckpt)
 
 
 def read_model(path, map_location="cpu", flag: str | None = None) -> tuple[Config, dict, dict, Path]:
     """(config, state dict on `map_location`, config.json's contents, folder) of a model checkpoint."""
     ckpt = resolve(path, flag)
-    cfg = read_config(ckpt, flag)
-    meta = _read_json(ckpt / CONFIG)
+    meta = _meta(ckpt)
+    cfg = config_of(meta, ckpt)
     w_file = ckpt / WEIGHTS
     from safetensors.torch import load_file
     try:
@@ -302,8 +309,7 @@ def _save_training(root, final, model, opt, step, keep, extra, device) -> Path:
 
 def training_config(path: Path) -> dict:
     """The training config stored in checkpoint folder `path` (config.json's "config"), as a dict."""
-    meta = _read_json(Path(path) / CONFIG)
-    _check_format(meta, Path(path) / CONFIG)
+    meta = _meta(Path(path))
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"checkpoint file {Path(path) / CONFIG} has no \"config\" mapping; it was edited")
     return meta["config"]

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_text
-from ..checkpoint import read_config, read_meta, resolve
+from ..checkpoint import config_of, read_meta, resolve
 from ..config import Config, resolve_device
 from ..errors import UserError, require
 from ..model import LeWM
@@ -412,14 +412,25 @@ def _protocol(planner, setup: EvalSetup, *, budget: int, steps_per_round: int, s
             "records": records, "_videos": videos, "_actions": actions}
 
 
+def _head(given, cls, load, ckpt, device, missing: str):
+    """(a planner head, where it was read from or None): `given` itself when it is a `cls`, else loaded with
+    `load` from the path given or, without one, from the checkpoint's folder."""
+    if isinstance(given, cls):
+        return given, None
+    if given is None and ckpt is None:
+        raise UserError(missing)
+    src = str(given or ckpt)
+    return load(src, device), src
+
+
 def _resolve_model(model, device: str) -> tuple[Config, Any, str | None, dict]:
     """(config, loader, checkpoint path, checkpoint metadata): the weights are only loaded after the checks."""
     if isinstance(model, torch.nn.Module):
         meta = {"source": model.reference_source} if getattr(model, "reference_source", None) else {}
         return model.cfg, (lambda: model), None, meta
     ckpt = resolve(model)
-    cfg = read_config(ckpt)
     meta = read_meta(ckpt, "--checkpoint")
+    cfg = config_of(meta, ckpt)
     return cfg, (lambda: LeWM.load(ckpt, map_location=device)), str(ckpt), meta
 
 
@@ -551,26 +562,15 @@ def evaluate(model, env: str, data, *, planner: str = "cem", planner_kw: dict | 
         for note in setup.notes:
             log(f"note: {note}")
     kw = dict(planner_kw or {})
-    idm_src = None
+    idm_src = reach_src = None
     if planner == "idm" or kw.get("init") == "idm":  # the inverse-dynamics head (lewm/plan/idm.py)
         from ..plan.idm import IDMHead, load_idm
-        head = kw.get("idm")
-        if not isinstance(head, IDMHead):
-            if head is None and ckpt is None:
-                raise UserError("planner 'idm' / --init idm needs the IDM head: give --idm PATH")
-            idm_src = str(head or ckpt)
-            head = load_idm(idm_src, device)
-        kw["idm"] = head
-    reach_src = None
+        kw["idm"], idm_src = _head(kw.get("idm"), IDMHead, load_idm, ckpt, device,
+                                   "planner 'idm' / --init idm needs the IDM head: give --idm PATH")
     if kw.get("cost") in ("reach", "mix"):  # the reachability head (lewm/plan/reach.py)
         from ..plan.reach import ReachHead, load_reach
-        head = kw.get("reach")
-        if not isinstance(head, ReachHead):
-            if head is None and ckpt is None:
-                raise UserError(f"--cost {kw['cost']} needs the reachability head: give --reach PATH")
-            reach_src = str(head or ckpt)
-            head = load_reach(reach_src, device)
-        kw["reach"] = head
+        kw["reach"], reach_src = _head(kw.get("reach"), ReachHead, load_reach, ckpt, device,
+                                       f"--cost {kw['cost']} needs the reachability head: give --reach PATH")
     steps_per_round = receding * net.mcfg.frameskip
     record = set(range(min(int(videos), episodes)))
     planner_seeds = [int(seed) + k for k in range(seeds)]
