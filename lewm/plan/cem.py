@@ -69,6 +69,7 @@ class Planner:
             raise ValueError("samples, elites, iterations and horizon must be positive")
         self.model = model  # put in eval mode only while planning (plan), then as it was
         self.goal_cost = None  # None: squared L2 to the goal latent; else a reach.GoalCost
+        self.init = None  # None: CEM's first mean is 0; else an IDM head on the model's device (idm.py)
         self.samples, self.elites, self.iterations, self.horizon = samples, elites, iterations, horizon
         self.var_scale = var_scale
         self.generator = None
@@ -127,11 +128,9 @@ class Planner:
     def initial_mean(self, z0: torch.Tensor, zg: torch.Tensor) -> torch.Tensor:
         """(E, H, Wd) the sampling mean of the first iteration: 0, or the proposal of `self.init` (an
         IDM head, lewm/plan/idm.py: `init="idm"`), which is also candidate 0 of the first iteration."""
-        init = getattr(self, "init", None)
-        if init is None:
+        if self.init is None:
             return torch.zeros(z0.shape[0], self.horizon, self.width, device=z0.device)
-        init.to(z0.device).eval()
-        return init(z0.float(), zg.float()).float()
+        return self.init(z0.float(), zg.float()).float()
 
     def to_raw(self, plan: torch.Tensor) -> torch.Tensor:
         """(E, H, frameskip*A) z-scored -> (E, H*frameskip, A) raw actions."""

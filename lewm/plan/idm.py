@@ -113,7 +113,7 @@ class IDMPlanner(Planner):
     def __init__(self, model: LeWM, head: IDMHead, horizon: int = 5, seed: int | None = 42, **_ignored):
         super().__init__(model, 1, 1, 1, horizon, 1.0, seed)
         check_head(head, model, horizon)
-        self.head = head
+        self.head = head.to(self.device).eval()
 
     @classmethod
     def from_config(cls, model: LeWM, head: IDMHead | None = None, **overrides):
@@ -133,7 +133,6 @@ class IDMPlanner(Planner):
     @torch.no_grad()
     def plan(self, start, goal, noise: torch.Tensor | None = None) -> PlanResult:
         start, goal, _ = self._inputs(start, goal, noise)
-        self.head.to(self.device).eval()
         z0, zg = self.model.encode(start).float(), self.model.encode(goal).float()
         a = self.head(z0, zg).float()
         return PlanResult(a, self.to_raw(a), terminal_cost(self.model, z0, zg, a[:, None], self.goal_cost)[:, 0])

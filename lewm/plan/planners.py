@@ -64,7 +64,7 @@ def make_planner(name: str, model: LeWM, *, idm=None, init: str | None = None, c
     pl = _make_planner(name, model, idm=idm, init=init, **kw)
     if cost not in (None, "l2"):
         from .reach import GoalCost
-        pl.goal_cost = GoalCost(cost, reach, reach_weight)
+        pl.goal_cost = GoalCost(cost, reach.to(pl.device).eval() if reach is not None else None, reach_weight)
     return pl
 
 
@@ -80,7 +80,7 @@ def _make_planner(name: str, model: LeWM, *, idm=None, init: str | None = None, 
             raise UserError("--init idm needs the IDM head (lewm idm; --idm PATH)")
         from .idm import check_head
         check_head(idm, model, kw.get("horizon") or model.cfg.plan.horizon)
-        kw["init"] = idm
+        kw["init"] = idm.to(model.action_mean.device).eval()
     if name == "idm":
         from .idm import IDMPlanner
         return IDMPlanner.from_config(model, head=idm, **{k: v for k, v in kw.items() if k in ("horizon", "seed")})

@@ -67,7 +67,8 @@ def load_reach(path, device="cpu") -> ReachHead:
 
 
 class GoalCost:
-    """The planner's terminal cost: `GoalCost(mode, head, weight)(pred (E, S, D), zg (E, D)) -> (E, S)`."""
+    """The planner's terminal cost: `GoalCost(mode, head, weight)(pred (E, S, D), zg (E, D)) -> (E, S)`; the
+    head must sit on the planner's device (make_planner puts it there)."""
 
     def __init__(self, mode: str = "l2", head: ReachHead | None = None, weight: float = 1.0):
         if mode not in COSTS:
@@ -83,7 +84,6 @@ class GoalCost:
         l2 = (pred - zg).pow(2).sum(-1)
         if self.mode == "l2":
             return l2
-        self.head.to(pred.device).eval()
         r = self.head(pred.float(), zg.float()).float()
         return r if self.mode == "reach" else l2 / pred.shape[-1] + self.weight * r
 
