@@ -239,9 +239,16 @@ def make_policy(env: Env, name: str | None = None, noise: float | None = None) -
 _NOT_ENVS = {"base", "mujoco_render"}
 
 
+_LOADED = False
+
+
 def _load_all() -> None:
-    # Importing each module of this folder registers its env; a module that fails to import for a
-    # missing package is registered as a factory that raises the install hint when built.
+    # Importing each module of this folder registers its env (once per process); a module that fails to
+    # import for a missing package is registered as a factory that raises the install hint when built.
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
     import importlib
     import pkgutil
     for m in pkgutil.iter_modules([os.path.dirname(__file__)]):
