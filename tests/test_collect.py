@@ -95,7 +95,7 @@ def test_collect_pusht_rows_restore_their_frames(tmp_path):
     cols, attrs = read_all(out)
     assert cols["state"].shape == (32, 5) and cols["proprio"].shape == (32, 4)
     assert cols["block_vel"].shape == (32, 3)
-    assert attrs["policy"] == "pusher" and attrs["max_steps"] == 15
+    assert attrs["policy"] == "expert" and attrs["max_steps"] == 15
     env = make("pusht", image_size=32)
     env.reset(seed=123)
     for r in (0, 7, 20, 31):

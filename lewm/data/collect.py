@@ -305,7 +305,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="episode i is seeded seed + i (0)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes, each with its own env (1)")
     p.add_argument("--max-steps", type=int, help="policy steps per episode (default: per env)")
-    p.add_argument("--policy", help="collection policy (default per env: tworoom expert, pusht pusher, "
+    p.add_argument("--policy", help="collection policy (default per env: tworoom expert, pusht expert, "
                                     "cube oracle, reacher random; others: random)")
     p.add_argument("--noise", type=float, help="std of the Gaussian action noise (default: per policy)")
     p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE",
