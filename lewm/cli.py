@@ -19,6 +19,7 @@ COMMANDS = {
     "collect": ("lewm.data.collect", "collect episodes from an environment into HDF5"),
     "show": ("lewm.data.show", "write a GIF/MP4 of one episode of a data set"),
     "eval": ("lewm.evals.planning", "plan with a checkpoint under the evaluation protocol"),
+    "curve": ("lewm.evals.curve", "success against training step, from a run's checkpoints"),
     "probe": ("lewm.evals.probe", "linear/MLP probes from frozen embeddings to physical state"),
     "surprise": ("lewm.evals.surprise", "violation-of-expectation surprise along trajectories"),
     "collapse": ("lewm.collapse", "train with lambda 0 and 0.09 and compare effective rank"),
