@@ -28,9 +28,11 @@ pose the target (the reference's `set_target_pos(0, goal_privileged_block_0_pos)
 Success (OGBench `_compute_successes`, reference `terminate_at_goal`): ||cube - target|| <= 0.04 m.
 
 Pixels: camera "front_pixels" (OGBench's visual camera) rendered by our own `mujoco.Renderer` at the
-requested size with shadows, reflections and skybox off (several times faster in software; frames are
-darker than OGBench's own renders). The frame is rendered after the step's kinematics are brought up to
-date (OGBench's own step renders the positions one physics substep behind).
+requested size with shadows, reflections, skybox and multisample anti-aliasing off (several times
+faster in software: the arm's and gripper's 193k mesh faces, not the pixels, bound a frame, so a smaller
+image barely helps; frames are darker than OGBench's own renders and their edges are not smoothed).
+The frame is rendered after the step's kinematics are brought up to date (OGBench's own step renders
+the positions one physics substep behind).
 
 Speed: software rendering dominates collection on a CPU (rates: docs/environments.md); collect on a
 GPU machine with EGL for real data sets.
@@ -135,7 +137,7 @@ class CubeEnv(Env):
 
     def render(self, size: int | None = None) -> np.ndarray:
         return mujoco_frame(self.model, self.data, int(size or self.image_size), "front_pixels",
-                            self.fast_render, share=GYM_ID)
+                            self.fast_render, share=GYM_ID, msaa=not self.fast_render)
 
     def close(self) -> None:
         """Hand the OGBench env back to the process's pool (it is never closed)."""
