@@ -5,7 +5,8 @@ interpreted kernels cannot be compiled):
 
 * the report's machinery on toy kernels launched through `lewm_kernels._utils.launch`: triton's own
   specialisation (ints equal to 1, divisibility by 16), spill detection, the MMA class in the SASS;
-* the gate: every kernel one plan (pusht preset, 300 samples, 1 env, fp32 and bf16) and one SIGReg
+* the gate: every kernel one plan (pusht preset, 300 samples, 1 env, fp32 and bf16; bf16 with the
+  reachability cost "mix", whose fused terminal-cost kernel runs after each rollout) and one SIGReg
   step (fp32) launch compiles with zero spill bytes, and every bf16 GEMM kernel (a tl.dot on bf16
   operands) uses tensor-core MMA (HMMA or HGMMA). The plan is recorded at one CEM iteration: every
   iteration launches the same specialisations; one compile per (kernel, constexprs, options)
@@ -149,8 +150,8 @@ def test_planner_and_sigreg_kernels_do_not_spill_and_use_tensor_cores(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     rep = json.loads(js.read_text())
     configs = {row["config"] for row in rep["rows"]}
-    assert {"plan-1env-fp32", "plan-1env-bf16", "sigreg-fp32"} <= configs, \
-        f"no launches recorded for {set(['plan-1env-fp32', 'plan-1env-bf16', 'sigreg-fp32']) - configs}: " \
+    want = {"plan-1env-fp32", "plan-1env-bf16", "plan-1env-bf16-reach", "sigreg-fp32"}
+    assert want <= configs, f"no launches recorded for {want - configs}: " \
         f"notes {rep['notes']}"
     legacy = [n for n in rep["notes"] if n.startswith("legacy shim")]
     if rep["problems"] and legacy:
@@ -161,6 +162,9 @@ def test_planner_and_sigreg_kernels_do_not_spill_and_use_tensor_cores(tmp_path):
         pytest.xfail("kernels not yet launched through lewm_kernels._utils.launch fail the gate:\n"
                      + "\n".join(rep["problems"]))
     assert not rep["problems"], "\n".join(rep["problems"])
+    reach = [row for row in rep["rows"] if row["kernel"] == "_reach_cost_kernel"]
+    assert reach and {row["config"] for row in reach} == {"plan-1env-bf16-reach"}, "the fused reach cost never launched"
+    assert all("HMMA" in row["mma"] or "HGMMA" in row["mma"] for row in reach), [row["mma"] for row in reach]
     # the cost model's occupancy of the persistent rollout kernel is the compiled one
     sys.path.insert(0, str(REPO / "bench"))
     import gpu_model as G

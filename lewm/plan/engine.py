@@ -44,6 +44,7 @@ import torch
 
 from lewm_kernels import _utils
 from lewm_kernels import rollout as _kr
+from lewm_kernels.reach_cost import fusable, fused_reach_cost, head_tensors
 from lewm_kernels.rollout import RolloutWeights, RolloutWorkspace, fused_rollout, rollout_reference
 
 from ..model import LeWM
@@ -190,6 +191,7 @@ class FastPlanner(Planner):
         self.weights = pack_predictor(self.model, self.dtype, self.device)
         self._graphs.clear()
         self._workspaces: dict = {}
+        self._reach = None  # (head, its tensors as the fused reach-cost kernel reads them)
 
     # -- the rollout -----------------------------------------------------------------------------
     def _rollout_cost(self, ctx: torch.Tensor, zg: torch.Tensor, cand: torch.Tensor,
@@ -215,9 +217,17 @@ class FastPlanner(Planner):
             preds, cost = self._compiled(self.weights, ctx, acts, zg, check=False)
         else:
             preds, cost = rollout_reference(self.weights, ctx, acts, zg, check=False)
-        if self.goal_cost is not None:  # the reachability cost (reach.GoalCost) of the final latents, after
-            return self.goal_cost(preds[:, -1].reshape(E, S, -1), zg)  # the rollout (not fused into it)
-        return cost.view(E, S)
+        gc = self.goal_cost
+        if gc is None or gc.mode == "l2":
+            return cost.view(E, S)
+        # the reachability cost (reach.GoalCost) of the final latents: on the Triton path one fused kernel
+        # after the rollout (lewm_kernels/reach_cost.py), elsewhere the head in PyTorch
+        if backend == "triton" and fusable(gc.head):
+            if self._reach is None or self._reach[0] is not gc.head:
+                self._reach = (gc.head, head_tensors(gc.head))
+            return fused_reach_cost(self._reach[1], preds[:, -1], zg, gc.mode, gc.weight,
+                                    bf16=self.dtype == torch.bfloat16).view(E, S)
+        return gc(preds[:, -1].reshape(E, S, -1), zg)
 
     def _cem(self, z0: torch.Tensor, zg: torch.Tensor, noise: torch.Tensor):
         """The whole CEM loop on the device; static shapes, no host synchronisation.
