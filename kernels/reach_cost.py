@@ -28,13 +28,9 @@ import triton
 import triton.language as tl
 
 from . import _utils
+from .rollout import _act, _dot  # exact GELU (ACT 2); the dot modes: 0 exact fp32, 1 in b's dtype
 
 MODES = {"reach": 0, "mix": 1}
-
-
-@triton.jit
-def _gelu(x):
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
 
 @triton.jit
@@ -95,29 +91,22 @@ def _reach_cost_kernel(P, G, LNW, LNB, W1, B1, W2, B2, W3, B3, OUT,
             x = tl.where(m2, (x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :], 0.0)
             w = tl.load(W1 + hcols[None, :] * (3 * D) + j * D + cols[:, None],
                         mask=cmask[:, None] & hmask[None, :], other=0.0)
-            if BF16:
-                h += tl.dot(x.to(tl.bfloat16), w.to(tl.bfloat16), out_dtype=tl.float32)
-            else:
-                h += tl.dot(x, w, input_precision="ieee", out_dtype=tl.float32)
-    h = _gelu(h + tl.load(B1 + hcols, mask=hmask, other=0.0)[None, :])
+            h += _dot(x, w.to(tl.bfloat16), 1) if BF16 else _dot(x, w, 0)
+    h = _act(h + tl.load(B1 + hcols, mask=hmask, other=0.0)[None, :], 2)
     h = tl.where(rmask[:, None] & hmask[None, :], h, 0.0)
     if DEPTH == 1:
         logit = tl.sum(h * tl.load(W3 + hcols, mask=hmask, other=0.0)[None, :], axis=1)
     else:
         # layer 2 in blocks of BLOCK_O outputs, each folded into the final Linear(HID, 1) at once
         logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if BF16:
-            hb = h.to(tl.bfloat16)
+        hd = h.to(tl.bfloat16) if BF16 else h
         for o0 in range(0, HID, BLOCK_O):
             ocols = o0 + tl.arange(0, BLOCK_O)
             omask = ocols < HID
             w2 = tl.load(W2 + ocols[None, :] * HID + hcols[:, None], mask=hmask[:, None] & omask[None, :],
                          other=0.0)
-            if BF16:
-                h2 = tl.dot(hb, w2.to(tl.bfloat16), out_dtype=tl.float32)
-            else:
-                h2 = tl.dot(h, w2, input_precision="ieee", out_dtype=tl.float32)
-            h2 = _gelu(h2 + tl.load(B2 + ocols, mask=omask, other=0.0)[None, :])
+            h2 = _dot(hd, w2.to(tl.bfloat16), 1) if BF16 else _dot(hd, w2, 0)
+            h2 = _act(h2 + tl.load(B2 + ocols, mask=omask, other=0.0)[None, :], 2)
             w3 = tl.load(W3 + ocols, mask=omask, other=0.0)
             logit += tl.sum(tl.where(omask[None, :], h2 * w3[None, :], 0.0), axis=1)
     logit += tl.load(B3)
