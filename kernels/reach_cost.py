@@ -18,8 +18,8 @@ second layer runs in blocks of BLOCK_O output columns, each block's GELU output 
 final Linear(HID, 1); no hidden activation leaves the SM. The dots are exact fp32 (input_precision
 "ieee"), or with `bf16=True` (the bf16 planner) bf16 operands with fp32 accumulation (tensor cores).
 
-Two implementations: `reach_cost_reference(...)` (plain PyTorch, the oracle, equal to GoalCost) and
-`fused_reach_cost(...)` (Triton, launched through `_utils.launch`).
+The oracle is the planner's own PyTorch cost, `lewm.plan.reach.GoalCost` (tests/test_reach_cost.py);
+this module holds only the Triton path, `fused_reach_cost(...)`, launched through `_utils.launch`.
 """
 from __future__ import annotations
 
@@ -141,18 +141,6 @@ def head_tensors(head) -> dict:
     return t
 
 
-def reach_cost_reference(head, pred: torch.Tensor, goal: torch.Tensor, mode: str, weight: float = 1.0):
-    """pred (N, D), goal (E, D) -> (N,) costs: what GoalCost computes, in plain PyTorch."""
-    N, D = pred.shape
-    E = goal.shape[0]
-    g = goal.float().repeat_interleave(N // E, dim=0)
-    p = pred.float()
-    r = head(p, g).float()
-    if mode == "reach":
-        return r
-    return (p - g).pow(2).sum(-1) / D + weight * r
-
-
 def fused_reach_cost(tensors: dict, pred: torch.Tensor, goal: torch.Tensor, mode: str, weight: float = 1.0,
                      out: torch.Tensor | None = None, bf16: bool = False) -> torch.Tensor:
     """pred (N, D) final latents (any float dtype, rows contiguous), goal (E, D), N a multiple of E ->
@@ -189,6 +177,7 @@ def fused_reach_cost(tensors: dict, pred: torch.Tensor, goal: torch.Tensor, mode
                   BLOCK_H=bh, BLOCK_O=block_o, num_warps=num_warps, num_stages=1,
                   tag="reach_cost",
                   cost={"flops": 2 * N * (3 * D * hid + (hid * hid if depth2 else 0) + hid),
-                        "hbm_bytes": pred.element_size() * N * D + 4 * (N + E * D + hid * (3 * D + hid + 3)),
+                        "hbm_bytes": pred.element_size() * N * D
+                        + 4 * (N + E * D + hid * (3 * D + (hid if depth2 else 0) + 3)),
                         "l2_bytes": 3 * pred.element_size() * N * D + 4 * ctas * hid * (3 * D + (hid if depth2 else 0))})
     return out

@@ -75,10 +75,11 @@ CONFIGS = {
     "plan-1env-bf16": ("plan", 1, torch.bfloat16),
     "plan-50env-fp32": ("plan", 50, torch.float32),
     "plan-50env-bf16": ("plan", 50, torch.bfloat16),
-    "plan-1env-bf16-reach": ("plan-reach", 1, torch.bfloat16),
+    "plan-1env-bf16-reach": ("plan", 1, torch.bfloat16),  # with the reachability cost (REACH_CONFIGS)
     "sigreg-fp32": ("sigreg", 0, torch.float32),
     "sigreg-bf16": ("sigreg", 0, torch.bfloat16),
 }
+REACH_CONFIGS = {"plan-1env-bf16-reach"}  # plans whose terminal cost is "mix" (the fused reach-cost kernel)
 SMALL = ["plan-1env-fp32", "plan-1env-bf16", "plan-1env-bf16-reach", "sigreg-fp32"]
 
 SM90 = dict(sms=132, regs=65536, warps=64, smem=228 * 1024, smem_reserved=1024, ctas=32)
@@ -303,10 +304,10 @@ def mma_class(mma: dict) -> str:
 def record(config: str, model, iterations: int, preset: str):
     """Recordings of one config: plans at `iterations` (a small count), or one SIGReg step."""
     what, envs, dtype = CONFIGS[config]
-    if what in ("plan", "plan-reach"):
+    if what == "plan":
         kw = {k: v for k, v in L.PAPER_CEM.items() if k != "iterations"}
         planner = None
-        if what == "plan-reach":  # the terminal cost "mix" of a reachability head (lewm reach's default size)
+        if config in REACH_CONFIGS:  # the terminal cost "mix" of a reachability head (lewm reach's default size)
             from lewm.plan.reach import GoalCost, ReachHead
             planner = L.make_planner(model, "fast", kw["samples"], kw["elites"], iterations, kw["horizon"], dtype)
             planner.goal_cost = GoalCost("mix", ReachHead(model.mcfg.embed_dim, 10), 1.0)
@@ -329,7 +330,7 @@ def build_rows(configs, plan_iterations: int = 30, points=(1, 2), preset: str = 
     date = _dt.date.today().isoformat()
     for config in configs:
         what, envs, dtype = CONFIGS[config]
-        if what in ("plan", "plan-reach"):
+        if what == "plan":
             if model is None:
                 model = L.build_model(preset)
             recs = [record(config, model, i, preset) for i in points]
@@ -348,7 +349,7 @@ def build_rows(configs, plan_iterations: int = 30, points=(1, 2), preset: str = 
         if not counts[-1]:
             notes.append(f"{config}: no launch recorded")
         for (key, grid), (n_last, tag, lr, cargs) in counts[-1].items():
-            if what in ("plan", "plan-reach") and len(counts) == 2:
+            if what == "plan" and len(counts) == 2:
                 n1 = counts[0].get((key, grid), [0])[0]
                 n = L.scale_counts(n1, n_last, points[0], points[1], plan_iterations)
             else:
