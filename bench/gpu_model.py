@@ -179,22 +179,31 @@ def _sm_l2(dev: dict, active: int) -> float:
     return min(SM_L2, dev["l2"] / max(int(active), 1))
 
 
-def _phase_us(p: dict, dev: dict, peak: float, ctas: int) -> float:
-    """One phase of a persistent launch (see the module docstring), microseconds."""
+def _phase_us(p: dict, dev: dict, peak: float, ctas: int, unlimited: bool = False) -> float:
+    """One phase of a persistent launch (see the module docstring), microseconds. `unlimited`: as if
+    every item had an SM of its own (one round of items, each reading at one SM's L2 rate): the
+    phase's share of the launch's critical path."""
     items = max(int(p.get("items", 1)), 1)
     slots = min(ctas, dev["sms"] * ROLLOUT_CTAS_PER_SM)  # resident CTAs (the compiled occupancy)
+    if unlimited:
+        slots, items = items, 1
     tau = max(p.get("flops", 0) / (peak / dev["sms"]), p.get("l2_bytes", 0) / _sm_l2(dev, min(items, slots)),
               p.get("trips", 0) * LAT_US * 1e-6)
     tail = max(p.get("tail_bytes", 0) / SM_L2, p.get("tail_trips", 0) * LAT_US * 1e-6)
     return (math.ceil(items / slots) * tau + SYNC_US * 1e-6 + tail) * 1e6
 
 
-def phase_breakdown(rec, dev: dict, mma: str) -> list:
-    """[(phase name, items, phase us)] of one persistent launch (see launch_time_us)."""
+def critical_path_us(rec, dev: dict, mma: str) -> tuple:
+    """(critical path us, phases) of one persistent launch: its phases one after the other, each as
+    fast as its slowest chain allows with unlimited SMs (every item at once, one SM each: its FLOPs
+    at one SM's peak, its L2 bytes at one SM's rate, its round trips, then the hand-off and the serial
+    tail). No schedule of these phases on any number of SMs is faster: what is left above it in
+    launch_time_us is the SMs' share (items queued behind each other). (0, 0) for a launch that is not
+    persistent."""
     c = rec.cost or {}
+    phases = c.get("phases") or []
     peak, ctas = peak_for(mma, dev), max(rec.ctas, 1)
-    return [(p.get("name", "?"), max(int(p.get("items", 1)), 1), _phase_us(p, dev, peak, ctas))
-            for p in c.get("phases") or []]
+    return sum(_phase_us(p, dev, peak, ctas, unlimited=True) for p in phases), len(phases)
 
 
 def op_time_us(op, dev: dict) -> float:
@@ -462,23 +471,33 @@ def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None) ->
         for lr in per_iter:
             mma, _ = mma_of(lr, mma_mode, cache)
             if (lr.cost or {}).get("phases"):
-                for name, items, t in phase_breakdown(lr, dev, mma):
+                peak, ctas = peak_for(mma, dev), max(lr.ctas, 1)
+                for p in lr.cost["phases"]:
+                    name = p.get("name", "?")
                     kind = " ".join(name.split()[:2 if name.startswith("reduce") else 1])
-                    g = groups.setdefault(f"{lr.name}: {kind}", [0, 0.0, 0])
+                    g = groups.setdefault(f"{lr.name}: {kind}", [0, 0.0, 0, 0.0])
                     g[0] += 1
-                    g[1] += t
-                    g[2] += items
+                    g[1] += _phase_us(p, dev, peak, ctas)
+                    g[2] += max(int(p.get("items", 1)), 1)
+                    g[3] += _phase_us(p, dev, peak, ctas, unlimited=True)
             else:
-                g = groups.setdefault(lr.name, [0, 0.0, 0])
+                g = groups.setdefault(lr.name, [0, 0.0, 0, 0.0])
                 g[0] += 1
                 g[1] += GAP_US + launch_time_us(lr, dev, mma)
                 g[2] += lr.ctas
         total = sum(g[1] for g in groups.values())
         print(f"breakdown, H100 (modelled), {c}, one CEM iteration's Triton launches ({len(per_iter)}): "
-              f"{total:.0f} us", file=out)
-        for k, (n, t, items) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
-            print(f"  {k:<40} {n:>4} phases/launches {items:>8} items/CTAs {t:>9.1f} us {t / total:>6.1%}",
+              f"{total:.0f} us; 'critical': the same phases with unlimited SMs (critical_path_us)", file=out)
+        for k, (n, t, items, cp) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+            crit = f"{cp:>9.1f} us critical" if cp else ""
+            print(f"  {k:<40} {n:>4} phases/launches {items:>8} items/CTAs {t:>9.1f} us {t / total:>6.1%} {crit}",
                   file=out)
+        cp = sum(g[3] for g in groups.values())
+        nph = sum(g[0] for g in groups.values() if g[3])
+        if nph:
+            print(f"  critical path of its persistent launches, unlimited SMs: {cp:.0f} us of the {total:.0f} "
+                  f"({nph} dependent phases; their hand-offs alone {nph * SYNC_US:.0f} us at {SYNC_US:g} us each): "
+                  f"{cp * 30 / 1e3:.1f} ms over 30 iterations, before any other launch", file=out)
 
 
 def append_csv(path, rows):

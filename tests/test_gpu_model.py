@@ -100,6 +100,29 @@ def test_persistent_kernel_phases_critical_path():
     assert G.model_recording(rec, dev, "fast", "dtype", {}).t_us == pytest.approx(expect)
 
 
+def test_critical_path_is_the_phases_with_unlimited_sms():
+    dev = G.DEVICES["H100"]
+    fa = 60e12 / 132 * 1e-6  # 1 us of one SM's FMA rate
+    # 264 items of 1 us on 132 CTAs: 2 rounds in the launch, 1 on the critical path; then a 2-trip tail
+    phases = [{"name": "A", "items": 264, "flops": fa, "l2_bytes": 0, "tail_trips": 2},
+              {"name": "B", "items": 1, "flops": 0, "l2_bytes": 0, "trips": 10}]
+    rec = _toy_records(torch.float32, (132,), {"phases": phases})
+    cp, n = G.critical_path_us(rec.launches[0], dev, "FFMA")
+    assert n == 2
+    assert cp == pytest.approx(1.0 + G.SYNC_US + 2 * G.LAT_US + 10 * G.LAT_US + G.SYNC_US)
+    t = G.model_recording(rec, dev, "fast", "dtype", {}).t_us
+    assert t == pytest.approx(G.GAP_US + cp + 1.0)  # the second round of A is the SMs' share
+    # an L2-bound phase: with unlimited SMs each item reads at one SM's full rate
+    phases = [{"name": "C", "items": 400, "flops": 0, "l2_bytes": 1e6}]
+    rec = _toy_records(torch.float32, (132,), {"phases": phases})
+    cp, _ = G.critical_path_us(rec.launches[0], dev, "FFMA")
+    assert cp == pytest.approx(1e6 / G.SM_L2 * 1e6 + G.SYNC_US)
+    assert cp < G.model_recording(rec, dev, "fast", "dtype", {}).t_us
+    # not persistent: no phases, no critical path of its own
+    rec = _toy_records(torch.float32, (132,), {"flops": fa})
+    assert G.critical_path_us(rec.launches[0], dev, "FFMA") == (0, 0)
+
+
 def test_rollout_phase_costs_count_the_epilogue_where_it_runs():
     """The fused epilogue of a split GEMM (its last item, alone) is a serial tail; as RED phases it is
     spread over items of a few rows: the model must see the difference (that is why RED exists)."""
