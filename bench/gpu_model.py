@@ -455,7 +455,7 @@ def print_report(rows, out=None):
         print(f"note: {n}", file=out)
 
 
-def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None) -> None:
+def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None, iterations: int = 30) -> None:
     """Per config, the modelled H100 time of ONE CEM iteration's Triton launches, grouped by kernel
     and, for a persistent kernel, by phase kind (the phase name's first word)."""
     out = out or sys.stdout
@@ -492,12 +492,12 @@ def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None) ->
             crit = f"{cp:>9.1f} us critical" if cp else ""
             print(f"  {k:<40} {n:>4} phases/launches {items:>8} items/CTAs {t:>9.1f} us {t / total:>6.1%} {crit}",
                   file=out)
-        cp = sum(g[3] for g in groups.values())
-        nph = sum(g[0] for g in groups.values() if g[3])
+        cp, nph = (sum(x) for x in zip(*(critical_path_us(lr, dev, mma_of(lr, mma_mode, cache)[0])
+                                          for lr in per_iter)))
         if nph:
             print(f"  critical path of its persistent launches, unlimited SMs: {cp:.0f} us of the {total:.0f} "
                   f"({nph} dependent phases; their hand-offs alone {nph * SYNC_US:.0f} us at {SYNC_US:g} us each): "
-                  f"{cp * 30 / 1e3:.1f} ms over 30 iterations, before any other launch", file=out)
+                  f"{cp * iterations / 1e3:.1f} ms over {iterations} iterations, before any other launch", file=out)
 
 
 def append_csv(path, rows):
@@ -547,7 +547,7 @@ def main(argv=None) -> int:
     rows = run(configs, args.iterations, mode, args.measured or None, args.preset, cem, reference=not args.no_reference)
     print_report(rows)
     if args.breakdown:
-        print_breakdown(configs, mode, args.preset, cem)
+        print_breakdown(configs, mode, args.preset, cem, iterations=args.iterations)
     if args.csv:
         print(f"appended {len(rows)} rows to {append_csv(args.csv, rows)}")
     return 0
