@@ -492,8 +492,8 @@ def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None, it
             crit = f"{cp:>9.1f} us critical" if cp else ""
             print(f"  {k:<40} {n:>4} phases/launches {items:>8} items/CTAs {t:>9.1f} us {t / total:>6.1%} {crit}",
                   file=out)
-        cp, nph = (sum(x) for x in zip(*(critical_path_us(lr, dev, mma_of(lr, mma_mode, cache)[0])
-                                          for lr in per_iter)))
+        paths = [critical_path_us(lr, dev, mma_of(lr, mma_mode, cache)[0]) for lr in per_iter]
+        cp, nph = sum(t for t, _ in paths), sum(n for _, n in paths)
         if nph:
             print(f"  critical path of its persistent launches, unlimited SMs: {cp:.0f} us of the {total:.0f} "
                   f"({nph} dependent phases; their hand-offs alone {nph * SYNC_US:.0f} us at {SYNC_US:g} us each): "
