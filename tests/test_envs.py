@@ -273,6 +273,45 @@ def test_reacher_expert_reaches_targets():
     assert reached >= 8, reached
 
 
+# -- decimated visual meshes (the software renderer's cost) ------------------------------------------
+def _grid_mesh_model(n=20, h=0.01):
+    """A MuJoCo model with one n x n grid mesh of spacing h m (2 n^2 faces) on a visual-only geom."""
+    import mujoco
+    ij = [(i, j) for i in range(n + 1) for j in range(n + 1)]
+    vert = " ".join(f"{i * h} {j * h} {0.001 * ((i + j) % 2)}" for i, j in ij)
+    faces = []
+    for i in range(n):
+        for j in range(n):
+            a, b, c, d = i * (n + 1) + j, (i + 1) * (n + 1) + j, (i + 1) * (n + 1) + j + 1, i * (n + 1) + j + 1
+            faces += [f"{a} {b} {c}", f"{a} {c} {d}"]
+    xml = f"""<mujoco><asset><mesh name="grid" vertex="{vert}" face="{' '.join(faces)}"/></asset>
+      <worldbody><geom type="mesh" mesh="grid" contype="0" conaffinity="0"/></worldbody></mujoco>"""
+    return mujoco.MjModel.from_xml_string(xml)
+
+
+def test_decimated_meshes_merge_vertices_within_a_cell_and_leave_the_model_alone():
+    pytest.importorskip("mujoco")
+    from lewm.envs.mujoco_render import decimated_meshes
+    m = _grid_mesh_model()
+    faces, verts = m.mesh_facenum.copy(), m.mesh_vert.copy()
+    fine = decimated_meshes(m, 1e-4)  # no two vertices share a cell: every face kept
+    assert fine.mesh_facenum[0] == faces[0] == 800
+    np.testing.assert_array_equal(fine.mesh_face[:800], m.mesh_face[:800])
+    coarse = decimated_meshes(m, 0.04)  # 4 x 4 grid points per cell
+    assert 0 < coarse.mesh_facenum[0] < faces[0] / 4
+    kept = coarse.mesh_face[:coarse.mesh_facenum[0]]
+    cells = np.floor(coarse.mesh_vert[kept] / 0.04).astype(int)  # (faces, 3 corners, xyz)
+    assert all(len({tuple(c) for c in f}) == 3 for f in cells), "a kept face has two corners in one cell"
+    assert len({tuple(sorted(f)) for f in kept.tolist()}) == len(kept), "a face kept twice"
+    # the original is untouched; the copy keeps every array's size (it renders the original's data)
+    np.testing.assert_array_equal(m.mesh_facenum, faces)
+    np.testing.assert_array_equal(m.mesh_vert, verts)
+    np.testing.assert_array_equal(coarse.mesh_vert, verts)
+    assert coarse.mesh_face.shape == m.mesh_face.shape
+    with pytest.raises(ValueError, match="cell"):
+        decimated_meshes(m, 0.0)
+
+
 # -- Cube --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cube():
@@ -302,6 +341,24 @@ def test_cube_determinism_and_restore(cube):
     cube.reset(seed=3, render=False)
     cube.set_state_from_row(state_only(obs))
     assert np.abs(cube.render().astype(int) - obs["pixels"]).max() <= 2
+
+
+def test_cube_frame_with_decimated_meshes_is_the_full_meshes_frame(cube):
+    """fast_render draws the arm decimated for the frame's size: a fraction of the faces, the same frame
+    up to a few edge pixels; the simulated model keeps every face."""
+    from lewm.envs.cube import GYM_ID, MESH_CELL
+    from lewm.envs.mujoco_render import _RENDERERS, mujoco_frame
+    faces = int(cube.model.mesh_facenum.sum())
+    cube.reset(seed=5, render=False)
+    for a in np.random.default_rng(0).uniform(-1, 1, (5, 5)):
+        cube.step(a, render=False)
+    fast = cube.render()
+    full = mujoco_frame(cube.model, cube.data, 32, "front_pixels", True, share=GYM_ID, msaa=False)
+    d = np.abs(fast.astype(int) - full.astype(int))
+    assert d.mean() < 1.0 and (d.max(-1) > 0).mean() < 0.1, (d.mean(), (d.max(-1) > 0).mean())
+    assert int(cube.model.mesh_facenum.sum()) == faces
+    drawn = _RENDERERS[(GYM_ID, 32, True, False, MESH_CELL / 32)][1]
+    assert int(drawn.mesh_facenum.sum()) < faces / 3
 
 
 def test_cube_success_rule(cube):

@@ -1,6 +1,7 @@
 """MuJoCo rendering shared by the MuJoCo environments (Reacher, Cube): one offscreen renderer per
-(model, size), with the expensive effects off, and recolouring geoms while rendering (lewm surprise's
-visual perturbation).
+(model, size), with the expensive effects off, optionally of a copy of the model whose visual meshes
+are decimated (`decimated_meshes`: what a software renderer spends a mesh-heavy frame on), and
+recolouring geoms while rendering (lewm surprise's visual perturbation).
 
 Renderers are created once and never closed while the process runs: in the process-wide EGL setup,
 freeing one context makes the next renderer return garbage frames (shared/spec/platform.md). They are
@@ -18,17 +19,49 @@ import numpy as np  # noqa: E402
 _RENDERERS: dict = {}
 
 
+def decimated_meshes(model, cell: float):
+    """A copy of `model` for rendering only, each mesh's faces simplified by vertex clustering: vertices
+    in the same cube of side `cell` (m, in the mesh's frame) become one (the first of them), faces that
+    collapse or repeat are dropped, and each kept face keeps its original normals. The vertex arrays and
+    every other field are untouched (same sizes), so the copy renders any `data` of `model`; physics never
+    sees it (collisions use the original's convex hulls). Every face is kept whose corners fall in three
+    different cells, so no surface wider than ~2 cells loses its outline."""
+    import copy
+    if not cell > 0:
+        raise ValueError(f"decimated_meshes: cell must be > 0 m, got {cell!r}")
+    m = copy.deepcopy(model)
+    for i in range(m.nmesh):
+        va, vn = int(m.mesh_vertadr[i]), int(m.mesh_vertnum[i])
+        fa, fn = int(m.mesh_faceadr[i]), int(m.mesh_facenum[i])
+        if fn == 0:
+            continue
+        key = np.floor(m.mesh_vert[va:va + vn] / cell).astype(np.int64)
+        _, first, cluster = np.unique(key, axis=0, return_index=True, return_inverse=True)
+        faces = first[cluster.reshape(-1)][m.mesh_face[fa:fa + fn].astype(np.int64)]
+        whole = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+        _, once = np.unique(np.sort(faces[whole], axis=1), axis=0, return_index=True)
+        keep = np.flatnonzero(whole)[np.sort(once)]
+        normals = m.mesh_facenormal[fa:fa + fn][keep].copy()
+        m.mesh_face[fa:fa + len(keep)] = faces[keep]
+        m.mesh_facenormal[fa:fa + len(keep)] = normals
+        m.mesh_facenum[i] = len(keep)
+    return m
+
+
 def mujoco_frame(model, data, size: int, camera, fast: bool = True, share: str | None = None,
-                 msaa: bool = True) -> np.ndarray:
+                 msaa: bool = True, mesh_cell: float = 0.0) -> np.ndarray:
     """(size, size, 3) uint8 frame of `data` from `camera`. fast: shadows, reflections and skybox off.
     msaa=False: no multisample anti-aliasing (edges not smoothed; on a software renderer a frame of a
     mesh-heavy scene costs about half). One renderer per (model, size, fast, msaa),
     kept for the life of the process (never closed: see the module docstring). With `share`, one
     renderer per (share, size, fast) serves every model built from the same description (their
-    meshes, textures and materials must be identical; the frame comes from `data`)."""
+    meshes, textures and materials must be identical; the frame comes from `data`). mesh_cell > 0:
+    the renderer draws `decimated_meshes(model, mesh_cell)` (made once, with the renderer)."""
     import mujoco
-    key = (share or id(model), int(size), bool(fast), bool(msaa))
+    key = (share or id(model), int(size), bool(fast), bool(msaa), float(mesh_cell))
     if key not in _RENDERERS:
+        if mesh_cell > 0:
+            model = decimated_meshes(model, mesh_cell)
         vis = model.vis.global_
         vis.offwidth = max(int(vis.offwidth), int(size))
         vis.offheight = max(int(vis.offheight), int(size))
