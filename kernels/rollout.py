@@ -1052,6 +1052,8 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
         #       block), hidden blocks of 64 (half the dependent K loops of 32), K loops pipelined 3 deep
         #       after triton 3.6 (2 on 3.6, where 3 spills); after 3.6 without splits (50 envs, every
         #       head in one item) the attention's out projection accumulates in registers (BN = BD);
+        #       where the row blocks alone fill the GPU (no splits at all: 50 envs), one launch per
+        #       phase and kind instead (below), with the fused epilogue, hidden blocks of 128 and 3 stages;
         # fp32: the FMA dots need the registers: the fused epilogue and 3 stages, except after 3.6 with
         #       several row blocks and splits (1 env, 300 candidates), where RED phases fit with 2
         #       stages (the split epilogues are the serial tails that dominate there; bench/gpu_model.py;
@@ -1065,9 +1067,18 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
         mlp = max(1, min(want, _MAX_SPLITS, triton.cdiv(w.mlp, BF)))
         head = max(1, min(want, _MAX_SPLITS, triton.cdiv(w.proj_hidden, BF)))
         newer = _triton_version() > (3, 6)
-        if wide:
+        persistent = True
+        if wide and att == 1 and mlp == 1 and head == 1:
+            # the row blocks alone fill the GPU (50 envs: 235 of them): no splits, so every item is its
+            # row block's only one and applies its own epilogue (no RED phases), and the SMs are busy
+            # with whole items, so launch gaps weigh little: one launch per phase, each compiled for its
+            # own kind, has the registers the persistent kernel lacks for hidden blocks of 128, 3 stages
+            # and the out projection in registers, on triton 3.6 too (profiles/README.md)
+            red, ns, persistent, BF = 0, 3, False, 128
+            BN, BE = _p2(D), 32
+        elif wide:
             red, ns = _RED_ROWS, (3 if newer else 2)
-            if newer and att == 1:  # all heads per item (50 envs): the out projection in registers,
+            if newer and att == 1:  # all heads per item: the out projection in registers,
                 BN, BE = _p2(D), 32  # not through the partial sums once per head (fits with BE 32)
         elif newer and RB > 1 and (att > 1 or mlp > 1):
             red, ns = _RED_ROWS, 2
@@ -1076,7 +1087,7 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
         # a RED item loads every split's partial sums at once (one dependent round trip, not one per
         # group of 4: fits without spills on both tritons at every shape)
         cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, BN=BN, num_warps=nw, num_stages=ns, att_splits=att,
-                   mlp_splits=mlp, head_splits=head, persistent=True, programs=sms, red_rows=red, qkv_fused=wide,
+                   mlp_splits=mlp, head_splits=head, persistent=persistent, programs=sms, red_rows=red, qkv_fused=wide,
                    red_group=_MAX_SPLITS, token_items=bool(red) and mlp > 1)
     else:
         cfg = dict(BM=_p2(N, hi=64), BK=_p2(D, hi=128), BF=_p2(max(w.mlp, w.proj_hidden, w.act_w1.shape[1]), hi=256),

@@ -45,6 +45,10 @@ RED = dict(PERSISTENT, red_rows=8)
 NARROW = dict(RED, BN=16, BE=16)
 # an MLP phase of several query tokens as one item per (hidden split, token) (the GPU's way at 1 env)
 TOKENS = dict(RED, token_items=True)
+# no splits, one launch per phase, the fused epilogue, q | k | v as one tile and the out projection in
+# registers across heads (the GPU's way in bf16 when the row blocks alone fill it: 50 envs)
+FILLED = dict(BM=16, att_splits=1, mlp_splits=1, head_splits=1, persistent=False, red_rows=0, BF=32, BE=16,
+              BN=32, qkv_fused=True, num_stages=3)
 
 # dims that are not powers of two (masking paths): D 40, 3 heads x 20, MLP 72, pred_proj 48, action width 15
 ODD = {"embed_dim": 40, "pred_heads": 3, "pred_dim_head": 20, "pred_mlp": 72, "proj_hidden": 48,
@@ -163,9 +167,9 @@ def test_fused_odd_dims(odd, N, C, H):
 
 
 @interp
-@pytest.mark.parametrize("config", [SPLIT, PERSISTENT, RED, NARROW, TOKENS],
+@pytest.mark.parametrize("config", [SPLIT, PERSISTENT, RED, NARROW, TOKENS, FILLED],
                          ids=["split", "persistent", "persistent-red", "persistent-red-narrow-out",
-                              "persistent-red-token-items"])
+                              "persistent-red-token-items", "phased-unsplit-fused-qkv"])
 def test_fused_several_goals_row_blocks_and_splits(tiny, config):
     """Candidates grouped by goal (N = E * S), several row blocks (the last one partial), every GEMM
     split, one launch per phase or the persistent kernel: the model's answer each time."""
@@ -301,9 +305,10 @@ def test_config_is_dot_sized_and_checked(tiny):
 def test_gpu_decomposition_at_the_planners_shapes():
     """What the GPU gets (chosen here without one): wgmma-sized row blocks of 64 candidates, K blocks
     of 32, one persistent launch; splits only where row blocks are too few to fill the SMs (1 env: 300
-    candidates), none at 50 envs (15,000). The pipeline depth and where RED phases are used depend on
-    the triton version (what keeps the persistent kernel free of spills there: profiles/kernels_sm90.py
-    checks it)."""
+    candidates), none at 50 envs (15,000), where bf16 takes one launch per phase instead (each kind
+    compiled alone: hidden blocks of 128, 3 stages, the fused epilogue). The pipeline depth and where
+    RED phases are used depend on the triton version (what keeps the kernels free of spills there:
+    profiles/kernels_sm90.py checks it)."""
     m = lewm.LeWM(lewm.preset("pusht")).eval()
     newer = kr._triton_version() > (3, 6)
     for dtype in (torch.bfloat16, torch.float32):
@@ -311,14 +316,16 @@ def test_gpu_decomposition_at_the_planners_shapes():
         w = pack_predictor(m, dtype=dtype)
         one, fifty = rollout_config(w, 300, gpu=True, sms=132), rollout_config(w, 15000, gpu=True, sms=132)
         final = rollout_config(w, 50, gpu=True, sms=132)  # one row block: the mean plans' final rollout
-        assert one.BM == fifty.BM == 64 and one.BK == 32 and one.persistent
+        assert one.BM == fifty.BM == 64 and one.BK == 32 and one.persistent and final.persistent
+        assert fifty.persistent != bf16
         assert one.att_splits > 1 and one.mlp_splits > 1 and 16 % one.att_splits == 0
         assert fifty.att_splits == fifty.mlp_splits == fifty.head_splits == 1
         # bf16: every epilogue a RED phase, hidden blocks of 64, 3 stages after triton 3.6; fp32: the
         # fused epilogue and 3 stages, but RED phases (2 stages) with splits and row blocks after 3.6
         if bf16:
-            assert one.red_rows > 0 and fifty.red_rows > 0 and final.red_rows > 0 and one.qkv_fused
-            assert one.BF == fifty.BF == 64 and one.num_stages == fifty.num_stages == (3 if newer else 2)
+            assert one.red_rows > 0 and final.red_rows > 0 and one.qkv_fused and fifty.qkv_fused
+            assert one.BF == 64 and one.num_stages == (3 if newer else 2)
+            assert fifty.red_rows == 0 and fifty.BF == 128 and fifty.num_stages == 3 and fifty.BN == 256
         else:
             assert fifty.red_rows == final.red_rows == 0 and fifty.num_stages == 3 and not one.qkv_fused
             assert (one.red_rows > 0) == newer and one.num_stages == (2 if newer else 3) and one.BF == 32
