@@ -194,12 +194,13 @@ def _phase_us(p: dict, dev: dict, peak: float, ctas: int, unlimited: bool = Fals
 
 
 def critical_path_us(rec, dev: dict, mma: str) -> tuple:
-    """(critical path us, phases) of one persistent launch: its phases one after the other, each as
+    """(critical path us, phases) of one launch of phases (persistent, or one phase launched alone: its
+    graph gap is the caller's to add): its phases one after the other, each as
     fast as its slowest chain allows with unlimited SMs (every item at once, one SM each: its FLOPs
     at one SM's peak, its L2 bytes at one SM's rate, its round trips, then the hand-off and the serial
     tail). No schedule of these phases on any number of SMs is faster: what is left above it in
-    launch_time_us is the SMs' share (items queued behind each other). (0, 0) for a launch that is not
-    persistent."""
+    launch_time_us is the SMs' share (items queued behind each other). (0, 0) for a launch without
+    phases."""
     c = rec.cost or {}
     phases = c.get("phases") or []
     peak, ctas = peak_for(mma, dev), max(rec.ctas, 1)
@@ -472,14 +473,15 @@ def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None, it
             mma, _ = mma_of(lr, mma_mode, cache)
             if (lr.cost or {}).get("phases"):
                 peak, ctas = peak_for(mma, dev), max(lr.ctas, 1)
+                gap = 0.0 if (lr.meta or {}).get("PERSISTENT") else GAP_US  # one launch per phase: its node
                 for p in lr.cost["phases"]:
                     name = p.get("name", "?")
                     kind = " ".join(name.split()[:2 if name.startswith("reduce") else 1])
                     g = groups.setdefault(f"{lr.name}: {kind}", [0, 0.0, 0, 0.0])
                     g[0] += 1
-                    g[1] += _phase_us(p, dev, peak, ctas)
+                    g[1] += gap + _phase_us(p, dev, peak, ctas)
                     g[2] += max(int(p.get("items", 1)), 1)
-                    g[3] += _phase_us(p, dev, peak, ctas, unlimited=True)
+                    g[3] += gap + _phase_us(p, dev, peak, ctas, unlimited=True)
             else:
                 g = groups.setdefault(lr.name, [0, 0.0, 0, 0.0])
                 g[0] += 1
@@ -493,10 +495,12 @@ def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None, it
             print(f"  {k:<40} {n:>4} phases/launches {items:>8} items/CTAs {t:>9.1f} us {t / total:>6.1%} {crit}",
                   file=out)
         paths = [critical_path_us(lr, dev, mma_of(lr, mma_mode, cache)[0]) for lr in per_iter]
-        cp, nph = sum(t for t, _ in paths), sum(n for _, n in paths)
+        gaps = sum(GAP_US * n for lr, (_, n) in zip(per_iter, paths) if not (lr.meta or {}).get("PERSISTENT"))
+        cp, nph = sum(t for t, _ in paths) + gaps, sum(n for _, n in paths)
         if nph:
-            print(f"  critical path of its persistent launches, unlimited SMs: {cp:.0f} us of the {total:.0f} "
-                  f"({nph} dependent phases; their hand-offs alone {nph * SYNC_US:.0f} us at {SYNC_US:g} us each): "
+            print(f"  critical path of its phases, unlimited SMs: {cp:.0f} us of the {total:.0f} "
+                  f"({nph} dependent phases; their hand-offs alone {nph * SYNC_US:.0f} us at {SYNC_US:g} us each"
+                  + (f", and {gaps:.0f} us of graph gaps for those launched one by one" if gaps else "") + "): "
                   f"{cp * iterations / 1e3:.1f} ms over {iterations} iterations, before any other launch", file=out)
 
 
