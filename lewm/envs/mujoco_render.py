@@ -24,8 +24,8 @@ def decimated_meshes(model, cell: float):
     in the same cube of side `cell` (m, in the mesh's frame) become one (the first of them), faces that
     collapse or repeat are dropped, and each kept face keeps its original normals. The vertex arrays and
     every other field are untouched (same sizes), so the copy renders any `data` of `model`; physics never
-    sees it (collisions use the original's convex hulls). Every face is kept whose corners fall in three
-    different cells, so no surface wider than ~2 cells loses its outline."""
+    sees it (collisions use the original's convex hulls). A face is kept iff its corners fall in three
+    different cells (once, when several faces collapse onto the same three)."""
     import copy
     if not cell > 0:
         raise ValueError(f"decimated_meshes: cell must be > 0 m, got {cell!r}")
