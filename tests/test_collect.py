@@ -208,6 +208,6 @@ def test_env_base_interface_is_complete():
         obs = env.reset(seed=0)
         assert obs["pixels"].shape == (16, 16, 3)
         assert set(env.state_columns) == set(env.row())
-        for col, sl in env.probe_targets.values():
+        for col, sl, *_ in env.probe_targets.values():
             assert col in env.state_columns and env.row()[col][sl].size > 0
         assert env.render(20).shape == (20, 20, 3)

@@ -437,14 +437,15 @@ def test_the_registry_alone_lists_envs_policies_probe_targets_and_perturbations(
         cls = env_class(name)
         assert cls is not None and issubclass(cls, base.Env) and cls.name == name
         assert cls.policies and all(issubclass(p, base.Policy) for p in cls.policies.values())
-        assert cls.probe_targets and all(isinstance(c, str) and isinstance(s, slice)
-                                         for c, s in cls.probe_targets.values())
+        from lewm.evals.probe import TRANSFORMS
+        assert cls.probe_targets and all(isinstance(c, str) and isinstance(s, slice) and set(tf) <= set(TRANSFORMS)
+                                         for c, s, *tf in cls.probe_targets.values())
         # every probe target's column is one the env writes
-        assert {c for c, _ in cls.probe_targets.values()} <= set(cls.state_columns), name
+        assert {c for c, *_ in cls.probe_targets.values()} <= set(cls.state_columns), name
         assert cls.teleport is not base.Env.teleport and cls.physical_doc and cls.visual_doc
         table[name] = (list(cls.policies), sorted(cls.probe_targets))
     assert table["tworoom"] == (["expert", "random"], ["agent"])
-    assert table["pusht"] == (["expert", "pusher", "random"], ["agent", "angle", "block"])
+    assert table["pusht"] == (["expert", "pusher", "random"], ["agent", "angle", "angle_sc", "block"])
     assert table["cube"][0][0] == "oracle" and table["reacher"][0][0] == "random"
     from lewm.evals.probe import env_probe_targets
     assert env_probe_targets("reacher") == env_class("reacher").probe_targets

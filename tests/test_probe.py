@@ -95,6 +95,27 @@ def test_columns_as_targets(tworoom_data, untrained_ckpt):
     assert "mlp" not in res["targets"]["proprio[0]"]
 
 
+def test_sincos_targets_probe_angles_without_the_wrap(tworoom_data, untrained_ckpt, monkeypatch):
+    """An env target with the "sincos" transform is probed as (sin, cos) of each selected value (PushT's
+    angle_sc, Reacher's joints_sc); an unknown transform is refused, naming it."""
+    from lewm.envs import env_class
+    from lewm.evals.probe import Target
+    t = Target("a", "state", slice(4, 5), "sincos")
+    y = np.array([[0.0], [np.pi / 2], [2 * np.pi - 1e-9]])
+    np.testing.assert_allclose(t.apply(y), [[0, 1], [1, 0], [0, 1]], atol=1e-8)
+    assert t.describe() == "sin, cos of state[4:5]" and Target("a", "state", slice(4, 5)).apply(y) is y
+    cls = env_class("tworoom")
+    monkeypatch.setattr(cls, "probe_targets", dict(cls.probe_targets, ang=("proprio", slice(0, 2), "sincos")))
+    with one_thread():
+        res = run_probe(untrained_ckpt, tworoom_data, env="tworoom", targets=["ang"], mlp=False, max_rows=500,
+                        max_eval_rows=200, progress=False)
+    r = res["targets"]["ang"]
+    assert r["dims"] == 4 and r["slice"] == "sin, cos of proprio[0:2]"
+    monkeypatch.setattr(cls, "probe_targets", dict(cls.probe_targets, ang=("proprio", slice(0, 2), "degrees")))
+    with pytest.raises(UserError, match="unknown transform 'degrees'"):
+        run_probe(untrained_ckpt, tworoom_data, env="tworoom", targets=["ang"], mlp=False, progress=False)
+
+
 @pytest.mark.slow
 def test_trained_model_probe(tworoom_data, tworoom_model):
     """The trained tiny model's latent holds the agent's position (linearly, and better still through

@@ -12,7 +12,7 @@ An environment is one file in this folder: an `Env` subclass decorated with `@re
 also names what the rest of the engine needs to know about it, as class attributes and methods:
 
     policies        {"name": Policy subclass} for `lewm collect` (the first is the default)
-    probe_targets   {"name": (column, slice)} for `lewm probe`
+    probe_targets   {"name": (column, slice[, transform])} for `lewm probe` (transform "sincos": angles)
     state_columns   the per-row columns it writes and restores
     teleport(), recolour(), visual_doc, physical_doc, default_min_distance   for `lewm surprise`
 
@@ -100,8 +100,9 @@ class Env(abc.ABC):
     # columns this env writes per row in collected data (besides pixels and action), and needs back
     # to restore a row (set_state_from_row) or make it the goal (set_goal_from_row)
     state_columns: tuple[str, ...] = ("state", "proprio")
-    # what a probe can regress from an embedding: name -> (column, slice of that column)
-    probe_targets: dict[str, tuple[str, slice]] = {}
+    # what a probe can regress from an embedding: name -> (column, slice of that column[, transform]),
+    # transform "sincos": the values are angles, probed as (sin, cos) (lewm.evals.probe.TRANSFORMS)
+    probe_targets: dict[str, tuple] = {}
     # data-collection policies: name -> Policy subclass; the first is `lewm collect`'s default
     policies: dict[str, type[Policy]] = {"random": RandomPolicy}
     # lewm surprise: what the visual and the physical perturbation do (physical_doc None: no teleport)

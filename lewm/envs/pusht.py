@@ -66,7 +66,7 @@ class PushTEnv(Env):
     action_dim = 2
     state_columns = ("state", "proprio", "block_vel")
     probe_targets = {"agent": ("state", slice(0, 2)), "block": ("state", slice(2, 4)),
-                     "angle": ("state", slice(4, 5))}
+                     "angle": ("state", slice(4, 5)), "angle_sc": ("state", slice(4, 5), "sincos")}
     visual_doc = "the T block is drawn orange instead of slate grey from t0 on (re-rendered by the env)"
     physical_doc = ("at t0 the block jumps to a random pose (x, y uniform in [100, 400), angle uniform), at "
                     "least --min-distance px (512 px world) from where it was and 100 px clear of the agent, at "

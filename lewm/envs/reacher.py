@@ -64,7 +64,7 @@ class ReacherEnv(Env):
     name = "reacher"
     action_dim = 2
     state_columns = ("qpos", "qvel", "target_qpos")
-    probe_targets = {"joints": ("qpos", slice(0, 2))}
+    probe_targets = {"joints": ("qpos", slice(0, 2)), "joints_sc": ("qpos", slice(0, 2), "sincos")}
     visual_doc = "the arm (arm, hand and finger geoms) is rendered green from t0 on"
     physical_doc = ("at t0 both joints jump to a random configuration (shoulder uniform, wrist in its range), "
                     "at least --min-distance rad away in the larger joint change, at rest; then the recorded actions")

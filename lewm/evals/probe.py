@@ -9,9 +9,10 @@
 
 What is probed: the encoder + projector latent z (`LeWM.encode`, eval mode, no gradient) of single
 frames; the model is never changed. Targets are the environment's `probe_targets` (name -> column
-and slice of the data set's per-row state columns): PushT agent xy, block xy, block angle (the
-`state` column's angle in [0, 2 pi), regressed as is, as the paper's table); TwoRoom agent xy;
-Cube cube position; Reacher joint angles. `--target` picks some of them, or names any data column
+and slice of the data set's per-row state columns, and optionally a transform): PushT agent xy, block
+xy, block angle (the `state` column's angle in [0, 2 pi), regressed as is, as the paper's table) and
+angle_sc (its sin and cos: no wrap at 0 / 2 pi); TwoRoom agent xy; Cube cube position; Reacher joint
+angles and joints_sc (their sin and cos). `--target` picks some of them, or names any data column
 (`state`, `state[2:4]`, `qpos[0]`). The environment comes from `--env` or the data set's `env`
 attribute; no simulator is started.
 
@@ -48,16 +49,28 @@ _COLUMN_SPEC = re.compile(r"^(?P<col>[A-Za-z_][\w/.-]*)(\[(?P<a>-?\d*)(?P<colon>
 
 
 
+# what a target may do to its columns before it is probed (an env's probe_targets third element)
+TRANSFORMS = ("sincos",)  # sincos: angles in radians -> (sin, cos) of each (no wrap at 0 / 2 pi)
+
+
 @dataclass
 class Target:
     name: str
     column: str
     sl: slice
+    transform: str = ""
 
     def describe(self) -> str:
         a = "" if self.sl.start is None else self.sl.start
         b = "" if self.sl.stop is None else self.sl.stop
-        return f"{self.column}[{a}:{b}]"
+        cols = f"{self.column}[{a}:{b}]"
+        return f"sin, cos of {cols}" if self.transform == "sincos" else cols
+
+    def apply(self, y: np.ndarray) -> np.ndarray:
+        """(rows, dims) selected values -> what is probed: as is, or (sin of each dim, cos of each)."""
+        if self.transform == "sincos":
+            return np.concatenate([np.sin(y), np.cos(y)], axis=1)
+        return y
 
 
 def env_probe_targets(env: str | None) -> dict:
@@ -97,8 +110,12 @@ def resolve_targets(info, env: str | None, targets: list[str] | None) -> list[Ta
     for s in specs:
         s = str(s).strip()
         if s in known:
-            col, sl = known[s]
-            out.append(Target(s, col, sl))
+            col, sl, *tf = known[s]
+            tf = tf[0] if tf else ""
+            if tf not in ("",) + TRANSFORMS:
+                raise UserError(f"--env {env}: probe target '{s}' has an unknown transform '{tf}' "
+                                  f"(known: {', '.join(TRANSFORMS)})")
+            out.append(Target(s, col, sl, tf))
             continue
         m = _COLUMN_SPEC.match(s)
         if not m or m.group("col") not in cols:
@@ -238,7 +255,7 @@ def _read_targets(path, targets: list[Target], rows: np.ndarray) -> dict:
                 bad = int((~np.isfinite(y).all(1)).sum())
                 raise UserError(f"{path}: column '{t.column}' (probe target '{t.name}') has {bad} rows with NaN "
                                   "or inf among the probed rows")
-            out[t.name] = y
+            out[t.name] = t.apply(y)
     return out
 
 
