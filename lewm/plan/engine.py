@@ -14,7 +14,8 @@ What makes it fast (each step is exact: it computes what the reference computes,
   the encoding) has static shapes and no host synchronisation (no .item(), .cpu(), no Python branch on
   a tensor value), so on CUDA it is captured once per input shape into ONE CUDA graph and replayed;
 * on CUDA the rollout is the fused Triton rollout (`lewm_kernels.rollout.fused_rollout`: one
-  persistent kernel per rollout, terminal cost fused), in bfloat16 with fp32 accumulation by default
+  persistent kernel per rollout, or one launch per phase where the candidates alone fill the GPU
+  (many environments, bf16); terminal cost fused), in bfloat16 with fp32 accumulation by default
   (float32 selectable);
 * many environments are planned in one call (all E * samples candidates in one rollout).
 
