@@ -456,6 +456,12 @@ def print_report(rows, out=None):
         print(f"note: {n}", file=out)
 
 
+def _phase_gap_us(rec) -> float:
+    """The graph gap each phase of a launch pays: none inside a persistent kernel (its phases hand off
+    in place), GAP_US where each phase is a launch of its own."""
+    return 0.0 if (rec.meta or {}).get("PERSISTENT") else GAP_US
+
+
 def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None, iterations: int = 30) -> None:
     """Per config, the modelled H100 time of ONE CEM iteration's Triton launches, grouped by kernel
     and, for a persistent kernel, by phase kind (the phase name's first word)."""
@@ -473,7 +479,7 @@ def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None, it
             mma, _ = mma_of(lr, mma_mode, cache)
             if (lr.cost or {}).get("phases"):
                 peak, ctas = peak_for(mma, dev), max(lr.ctas, 1)
-                gap = 0.0 if (lr.meta or {}).get("PERSISTENT") else GAP_US  # one launch per phase: its node
+                gap = _phase_gap_us(lr)
                 for p in lr.cost["phases"]:
                     name = p.get("name", "?")
                     kind = " ".join(name.split()[:2 if name.startswith("reduce") else 1])
@@ -495,7 +501,7 @@ def print_breakdown(configs, mma_mode: str, preset: str, cem: dict, out=None, it
             print(f"  {k:<40} {n:>4} phases/launches {items:>8} items/CTAs {t:>9.1f} us {t / total:>6.1%} {crit}",
                   file=out)
         paths = [critical_path_us(lr, dev, mma_of(lr, mma_mode, cache)[0]) for lr in per_iter]
-        gaps = sum(GAP_US * n for lr, (_, n) in zip(per_iter, paths) if not (lr.meta or {}).get("PERSISTENT"))
+        gaps = sum(_phase_gap_us(lr) * n for lr, (_, n) in zip(per_iter, paths))
         cp, nph = sum(t for t, _ in paths) + gaps, sum(n for _, n in paths)
         if nph:
             print(f"  critical path of its phases, unlimited SMs: {cp:.0f} us of the {total:.0f} "
