@@ -745,7 +745,7 @@ def _rollout_kernel(
     z_ptr, x_ptr, h_ptr, kv_ptr, mod_ptr, se_ptr, part_ptr, cost_ptr,  # workspace (see RolloutWorkspace)
     pos_ptr, act_w1, act_b1, act_w2, act_b2, mod_w, mod_b, attn_ln_w, attn_ln_b, qkv_w, out_w, out_b,
     mlp_ln_w, mlp_ln_b, fc1_w, fc1_b, fc2_w, fc2_b, norm_w, norm_b, head_w1, head_b1, head_w2, head_b2,
-    N, C, H, A, D, L, HEADS, DH, FF, P, HA, W, rows_per_goal, HPG, FCW, PCW, NCH,
+    N, C, H, A, D, L, HEADS, DH, FF, P, HA, W, rows_per_goal, HPG, FCW, PCW, TCW, NCH,
     eps_mod, eps_attn, eps_mlp, eps_out, sm_scale,
     PERSISTENT: tl.constexpr, HAS_GOAL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, BDH: tl.constexpr,
@@ -920,7 +920,7 @@ def _rollout_kernel(
                              goal_ptr, pos_ptr, out_b, fc2_b, head_b2, attn_ln_w, attn_ln_b, mlp_ln_w, mlp_ln_b,
                              norm_w, norm_b, N, H, D, L, W, rows_per_goal, eps_mod, eps_attn, eps_mlp, eps_out,
                              HAS_GOAL, BM, RR, BD, MAXS)
-        else:  # MLP (split = hidden block of FCW) or HEAD (split = pred_proj hidden block of PCW)
+        else:  # MLP (split = a hidden block of fc1) or HEAD (split = a hidden block of pred_proj)
             d = tl.arange(0, BD)
             dmask = d < D
             m2 = nmask[:, None] & dmask[None, :]
@@ -934,14 +934,17 @@ def _rollout_kernel(
                 t_lo = q0 + sp // gs
                 t_hi = t_lo + 1
                 sph = sp % gs
+            fw = FCW if typ == 3 else PCW
+            if RR > 0:  # (tokens as items only with RED phases: none of this in the per-kind kernels)
+                if gs > 0:
+                    fw = TCW  # tokens as items: their own hidden block width (cfg.token_splits)
+            f_lo = sph * fw
             if typ == 3:
                 w1p, s_w1, b1p, w2p = fc1_w + l * D * FF, FF, fc1_b + l * FF, fc2_w + l * FF * D
-                f_lo = sph * FCW
-                f_hi = tl.minimum(f_lo + FCW, FF)
+                f_hi = tl.minimum(f_lo + fw, FF)
             else:
                 w1p, s_w1, b1p, w2p = head_w1, P, head_b1, head_w2
-                f_lo = sph * PCW
-                f_hi = tl.minimum(f_lo + PCW, P)
+                f_hi = tl.minimum(f_lo + fw, P)
             for tq in range(t_lo, t_hi):  # one call site for both kinds (one copy of the code)
                 acc = _mlp_tile(h_ptr + (n64 * W + tq) * D, nmask, D, w1p, s_w1, b1p, f_lo, f_hi, w2p, D, d, dmask, 2,
                                 DOT, BM, BK, BF, BD)
@@ -1024,6 +1027,9 @@ class RolloutConfig:
     # with RED phases: an MLP phase of several query tokens has one item per (hidden split, token),
     # not one per hidden split doing every token in turn (more, shorter items where SMs are idle)
     token_items: bool = False
+    # the hidden splits of those MLP phases (0: mlp_splits): their items are splits x tokens per row
+    # block, so fewer splits keep them to one wave where mlp_splits would queue them two deep
+    token_splits: int = 0
     red_group: int = 4  # a RED item loads this many splits' partial sums at once
 
     def as_dict(self) -> dict:
@@ -1084,16 +1090,21 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
             red, ns = _RED_ROWS, 2
         else:
             red, ns = 0, 3
+        # an MLP phase with its query tokens as items (the window's steps, all of its tokens new) has
+        # RB x tokens x splits items: halve its splits until they fit in one wave (1 env: 8, not 16)
+        tok = mlp
+        while tok > 1 and RB * w.history * tok > sms:
+            tok //= 2
         # a RED item loads every split's partial sums at once (one dependent round trip, not one per
         # group of 4: fits without spills on both tritons at every shape)
         cfg = dict(BM=BM, BK=BK, BF=BF, BE=BE, BN=BN, num_warps=nw, num_stages=ns, att_splits=att,
                    mlp_splits=mlp, head_splits=head, persistent=persistent, programs=sms, red_rows=red, qkv_fused=wide,
-                   red_group=_MAX_SPLITS, token_items=bool(red) and mlp > 1)
+                   red_group=_MAX_SPLITS, token_items=bool(red) and mlp > 1, token_splits=tok)
     else:
         cfg = dict(BM=_p2(N, hi=64), BK=_p2(D, hi=128), BF=_p2(max(w.mlp, w.proj_hidden, w.act_w1.shape[1]), hi=256),
                    BE=_p2(w.dim_head), BN=_p2(D), num_warps=4, num_stages=1, att_splits=1, mlp_splits=1,
                    head_splits=1, persistent=False, programs=2, red_rows=0, qkv_fused=False, red_group=4,
-                   token_items=False)
+                   token_items=False, token_splits=0)
     if override:
         unknown = set(override) - set(cfg)
         if unknown:
@@ -1112,6 +1123,8 @@ def rollout_config(w: RolloutWeights, N: int, gpu: bool | None = None, override:
     for name in ("att_splits", "mlp_splits", "head_splits", "programs", "red_group"):
         if cfg[name] < 1:
             raise ValueError(f"rollout_config: {name} must be >= 1, got {cfg[name]}")
+    if cfg["token_splits"] < 0:
+        raise ValueError(f"rollout_config: token_splits must be >= 0 (0: mlp_splits), got {cfg['token_splits']}")
     return RolloutConfig(**cfg)
 
 
@@ -1141,6 +1154,7 @@ def build_phases(w: RolloutWeights, N: int, C: int, H: int, cfg: RolloutConfig) 
     steps = rollout_schedule(C, H, w.history)
     fcw = _hidden_block(w.mlp, cfg.mlp_splits, cfg.BF)
     pcw = _hidden_block(w.proj_hidden, cfg.head_splits, cfg.BF)
+    tcw = _hidden_block(w.mlp, cfg.token_splits or cfg.mlp_splits, cfg.BF)
     mlp_splits = triton.cdiv(w.mlp, fcw)
     head_splits = triton.cdiv(w.proj_hidden, pcw)
     phases = []
@@ -1148,8 +1162,12 @@ def build_phases(w: RolloutWeights, N: int, C: int, H: int, cfg: RolloutConfig) 
     RR = cfg.red_rows
 
     def add(typ, nsplit, i=0, lo=0, p0=0, T=0, q0=0, l=0, last=0, nxt=(0, 0, 0)):
+        fw = fcw if typ == _MLP else pcw if typ == _HEAD else 0
+        if typ == _MLP and RR and cfg.token_items and T - q0 > 1:  # tokens as items: their own splits
+            fw = tcw
+            nsplit = triton.cdiv(w.mlp, tcw)
         p = dict(type=typ, split=nsplit, i=i, lo=lo, p0=p0, T=T, q0=q0, l=l, last=last,
-                 nlo=nxt[0], np0=nxt[1], nT=nxt[2], aux=0, gsplit=0)
+                 nlo=nxt[0], np0=nxt[1], nT=nxt[2], aux=0, gsplit=0, fw=fw)
         psplit = nsplit  # partial sums per (row, token)
         if typ == _MLP and RR and cfg.token_items and T - q0 > 1:  # tokens as items (gsplit: hidden splits)
             p.update(split=nsplit * (T - q0), gsplit=nsplit)
@@ -1219,8 +1237,6 @@ def phase_costs(w: RolloutWeights, phases: list, cfg: RolloutConfig) -> list:
     nch = triton.cdiv(D, BC)
     kl = _loop_trips(triton.cdiv(D, BK), ns_)
     Ha = w.act_w1.shape[1]
-    fcw = _hidden_block(w.mlp, cfg.mlp_splits, cfg.BF)
-    pcw = _hidden_block(w.proj_hidden, cfg.head_splits, cfg.BF)
     row = D * 4  # one fp32 row
     # the fused epilogue per row (bytes, round trips): the residual update reads the partial sums, the
     # gate and x and writes x; the modulated input rows read x three times, shift and scale, write and
@@ -1281,7 +1297,7 @@ def phase_costs(w: RolloutWeights, phases: list, cfg: RolloutConfig) -> list:
                 rd, trips = rows * ((g + 5) * row + D * wb), triton.cdiv(g, cfg.red_group) + 2
             fl, wr = 0, 0
         else:
-            width = fcw if typ == _MLP else pcw
+            width = p["fw"]
             if typ == _MLP and p["gsplit"]:  # tokens as items: one token each
                 tq = 1
             fl = 2 * BM * tq * (D * width + width * BD)
@@ -1385,6 +1401,7 @@ def _fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, g
     hpg = w.heads // cfg.att_splits
     fcw = _hidden_block(w.mlp, cfg.mlp_splits, cfg.BF)
     pcw = _hidden_block(w.proj_hidden, cfg.head_splits, cfg.BF)
+    tcw = _hidden_block(w.mlp, cfg.token_splits or cfg.mlp_splits, cfg.BF)
     nch = triton.cdiv(w.depth * 6 * D, _p2(D))
     rows_per_goal = N // goal.shape[0] if goal is not None else 1
     args = (ws.ptab, 0, ws.total, ws.ctr, ws.rb,
@@ -1394,7 +1411,7 @@ def _fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, g
             w.qkv_w, w.out_w, w.out_b, w.mlp_ln_w, w.mlp_ln_b, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b,
             w.norm_w, w.norm_b, w.head_w1, w.head_b1, w.head_w2, w.head_b2,
             N, C, H, w.action_width, D, w.depth, w.heads, w.dim_head, w.mlp, w.proj_hidden, Ha, w.history,
-            rows_per_goal, hpg, fcw, pcw, nch,
+            rows_per_goal, hpg, fcw, pcw, tcw, nch,
             w.eps_mod, w.eps_attn, w.eps_mlp, w.eps_out, 1.0 / math.sqrt(w.dim_head))
     meta = dict(HAS_GOAL=goal is not None, DOT=_dot_mode(w), BM=cfg.BM, BK=cfg.BK, BF=cfg.BF, BD=_p2(D),
                 BDH=_p2(w.dim_head), BC=min(64, _p2(D)), BE=min(cfg.BE, _p2(w.dim_head)), BN=min(cfg.BN, _p2(D)),

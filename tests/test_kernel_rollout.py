@@ -45,6 +45,9 @@ RED = dict(PERSISTENT, red_rows=8)
 NARROW = dict(RED, BN=16, BE=16)
 # an MLP phase of several query tokens as one item per (hidden split, token) (the GPU's way at 1 env)
 TOKENS = dict(RED, token_items=True)
+# ... with hidden splits of their own (fewer than the MLP phases of one query token have): 4 blocks of
+# 16 where one query token is new, 2 of 32 where the window's tokens are all items (the GPU's way at 1 env)
+TOKEN_SPLITS = dict(TOKENS, BF=16, mlp_splits=4, token_splits=2)
 # no splits, one launch per phase, the fused epilogue, q | k | v as one tile and the out projection in
 # registers across heads (the GPU's way in bf16 when the row blocks alone fill it: 50 envs)
 FILLED = dict(BM=16, att_splits=1, mlp_splits=1, head_splits=1, persistent=False, red_rows=0, BF=32, BE=16,
@@ -167,9 +170,10 @@ def test_fused_odd_dims(odd, N, C, H):
 
 
 @interp
-@pytest.mark.parametrize("config", [SPLIT, PERSISTENT, RED, NARROW, TOKENS, FILLED],
+@pytest.mark.parametrize("config", [SPLIT, PERSISTENT, RED, NARROW, TOKENS, TOKEN_SPLITS, FILLED],
                          ids=["split", "persistent", "persistent-red", "persistent-red-narrow-out",
-                              "persistent-red-token-items", "phased-unsplit-fused-qkv"])
+                              "persistent-red-token-items", "persistent-red-token-items-own-splits",
+                              "phased-unsplit-fused-qkv"])
 def test_fused_several_goals_row_blocks_and_splits(tiny, config):
     """Candidates grouped by goal (N = E * S), several row blocks (the last one partial), every GEMM
     split, one launch per phase or the persistent kernel: the model's answer each time."""
@@ -362,11 +366,15 @@ def test_launches_recorded_without_running(tiny):
     gemm = [p for p in rec1[0].cost["phases"] if not p["name"].startswith("reduce")]
     assert sum(r.ctas for r in rec) == sum(p["items"] for p in gemm)
     # tokens as items: the MLP phases of 3 query tokens (the sliding window's steps 3 and 4, but not the
-    # last layer's, which runs the last token alone) have 3 times the items
+    # last layer's, which runs the last token alone) have an item per (token, hidden split), with their
+    # own splits: half of the others' 16, so that 5 row blocks x 3 tokens x 8 fit in one wave of 132
+    cfg = rollout_config(w, 300, gpu=True, sms=132)
+    assert (cfg.mlp_splits, cfg.token_splits) == (16, 8)
     tok = {p["name"]: p["items"] for p in phases}
     three = {p["name"] for p in gemm if p["name"].startswith("mlp") and p["name"].endswith(("step3", "step4"))
              and " l5 " not in p["name"]}
-    assert len(three) == 10 and all(tok[p["name"]] == p["items"] * (3 if p["name"] in three else 1) for p in gemm)
+    assert len(three) == 10 and all(tok[n] == 5 * 3 * 8 <= 132 for n in three)
+    assert all(tok[p["name"]] == p["items"] for p in gemm if p["name"] not in three)
     assert all(r.cost["phases"][0]["tail_bytes"] > 0 for r in rec if r.meta["KIND"] >= 2)
 
 
