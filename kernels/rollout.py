@@ -1143,6 +1143,12 @@ def _hidden_block(width: int, splits: int, BF: int) -> int:
     return triton.cdiv(triton.cdiv(width, splits), BF) * BF
 
 
+def _hidden_widths(w: RolloutWeights, cfg: RolloutConfig) -> tuple:
+    """(MLP, pred_proj, MLP with tokens as items) hidden block widths: one split's share each."""
+    return (_hidden_block(w.mlp, cfg.mlp_splits, cfg.BF), _hidden_block(w.proj_hidden, cfg.head_splits, cfg.BF),
+            _hidden_block(w.mlp, cfg.token_splits or cfg.mlp_splits, cfg.BF))
+
+
 def build_phases(w: RolloutWeights, N: int, C: int, H: int, cfg: RolloutConfig) -> list:
     """The rollout as an ordered list of phases (dicts); each phase is a set of independent items per
     row block, and a row block's phase p may start once its phases < p are done. Items are numbered
@@ -1152,9 +1158,7 @@ def build_phases(w: RolloutWeights, N: int, C: int, H: int, cfg: RolloutConfig) 
     D = w.dim
     nch = triton.cdiv(L * 6 * D, _p2(D))
     steps = rollout_schedule(C, H, w.history)
-    fcw = _hidden_block(w.mlp, cfg.mlp_splits, cfg.BF)
-    pcw = _hidden_block(w.proj_hidden, cfg.head_splits, cfg.BF)
-    tcw = _hidden_block(w.mlp, cfg.token_splits or cfg.mlp_splits, cfg.BF)
+    fcw, pcw, tcw = _hidden_widths(w, cfg)
     mlp_splits = triton.cdiv(w.mlp, fcw)
     head_splits = triton.cdiv(w.proj_hidden, pcw)
     phases = []
@@ -1163,13 +1167,14 @@ def build_phases(w: RolloutWeights, N: int, C: int, H: int, cfg: RolloutConfig) 
 
     def add(typ, nsplit, i=0, lo=0, p0=0, T=0, q0=0, l=0, last=0, nxt=(0, 0, 0)):
         fw = fcw if typ == _MLP else pcw if typ == _HEAD else 0
-        if typ == _MLP and RR and cfg.token_items and T - q0 > 1:  # tokens as items: their own splits
+        tokens = typ == _MLP and RR and cfg.token_items and T - q0 > 1
+        if tokens:  # tokens as items, with hidden splits of their own
             fw = tcw
             nsplit = triton.cdiv(w.mlp, tcw)
         p = dict(type=typ, split=nsplit, i=i, lo=lo, p0=p0, T=T, q0=q0, l=l, last=last,
                  nlo=nxt[0], np0=nxt[1], nT=nxt[2], aux=0, gsplit=0, fw=fw)
         psplit = nsplit  # partial sums per (row, token)
-        if typ == _MLP and RR and cfg.token_items and T - q0 > 1:  # tokens as items (gsplit: hidden splits)
+        if tokens:  # an item per (token, hidden split) (gsplit: the hidden splits)
             p.update(split=nsplit * (T - q0), gsplit=nsplit)
         phases.append(p)
         if RR and typ != _ACT:  # its epilogue as a phase of RED items of RR rows
@@ -1399,9 +1404,7 @@ def _fused_rollout(w: RolloutWeights, z0: torch.Tensor, actions: torch.Tensor, g
     cfg = ws.config
     Ha = w.act_w1.shape[1]
     hpg = w.heads // cfg.att_splits
-    fcw = _hidden_block(w.mlp, cfg.mlp_splits, cfg.BF)
-    pcw = _hidden_block(w.proj_hidden, cfg.head_splits, cfg.BF)
-    tcw = _hidden_block(w.mlp, cfg.token_splits or cfg.mlp_splits, cfg.BF)
+    fcw, pcw, tcw = _hidden_widths(w, cfg)
     nch = triton.cdiv(w.depth * 6 * D, _p2(D))
     rows_per_goal = N // goal.shape[0] if goal is not None else 1
     args = (ws.ptab, 0, ws.total, ws.ctr, ws.rb,
