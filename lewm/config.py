@@ -380,11 +380,11 @@ _PRESETS["cube-cpu"]["env"] = "cube"
 _PRESETS["cube-cpu"]["model"]["action_dim"] = 5
 
 # The width ablation of PushT at CPU scale (README, Results: "what limits them"): pusht-cpu with a
-# wider encoder (128) and latent (128-d instead of 64), the predictor and projector widened with them;
+# wider encoder (128) and latent (128-d instead of 64), the predictor's MLP and the projector widened too;
 # tests whether the 64-d latent is what keeps the block's angle and the agent's position out.
 _PRESETS["pusht-cpu-wide"] = copy.deepcopy(_PRESETS["pusht-cpu"])
 _PRESETS["pusht-cpu-wide"]["model"].update(enc_width=128, enc_heads=4, embed_dim=128, proj_hidden=512,
-                                           pred_dim_head=32, pred_heads=4, pred_mlp=512)
+                                           pred_mlp=512)
 
 # The image-size ablation of the CPU presets (README, Results: "what limits them"): the same model at
 # 96 px with 12 px patches, so the encoder sees the same 8 x 8 tokens (same cost) with 2.25x the pixels
