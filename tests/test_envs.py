@@ -447,5 +447,6 @@ def test_the_registry_alone_lists_envs_policies_probe_targets_and_perturbations(
     assert table["tworoom"] == (["expert", "random"], ["agent"])
     assert table["pusht"] == (["expert", "pusher", "random"], ["agent", "angle", "angle_sc", "block"])
     assert table["cube"][0][0] == "oracle" and table["reacher"][0][0] == "random"
+    assert table["cube"][1] == ["cube", "effector", "gripper"]  # the cube and the arm the actions drive
     from lewm.evals.probe import env_probe_targets
     assert env_probe_targets("reacher") == env_class("reacher").probe_targets

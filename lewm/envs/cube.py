@@ -83,7 +83,9 @@ class CubeEnv(Env):
     name = "cube"
     action_dim = 5
     state_columns = ("qpos", "qvel", "proprio", "cube_pos", "cube_quat", "target_pos", "target_quat")
-    probe_targets = {"cube": ("cube_pos", slice(0, 3))}
+    # the cube, and the arm the actions drive: the effector's position and the gripper's opening
+    probe_targets = {"cube": ("cube_pos", slice(0, 3)), "effector": ("proprio", slice(0, 3)),
+                     "gripper": ("proprio", slice(4, 5))}
     visual_doc = "the cube (pink-red) is rendered blue from t0 on (its geom colour, restored after rendering)"
     physical_doc = ("at t0 the cube jumps to a random (x, y) of OGBench's cube sampling area on the table, at "
                     "least --min-distance m from where it was, upright and at rest; then the recorded actions")
