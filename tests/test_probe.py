@@ -95,6 +95,25 @@ def test_columns_as_targets(tworoom_data, untrained_ckpt):
     assert "mlp" not in res["targets"]["proprio[0]"]
 
 
+def test_confound_floor_from_the_other_targets(tworoom_data, untrained_ckpt):
+    """Each target is also regressed from the true values of the other targets that share none of its
+    columns (the floor a latent probe must beat). TwoRoom's state[0:2] is its proprio[0:2] (the agent), so
+    each predicts the other exactly; targets reading a common value are left out of each other's floor."""
+    with one_thread():
+        res = run_probe(untrained_ckpt, tworoom_data, targets=["proprio[0:2]", "state[0:2]", "proprio[1]", "state[2:4]"],
+                        mlp=False, max_rows=600, max_eval_rows=300, progress=False)
+    t = res["targets"]
+    assert t["proprio[0:2]"]["from_others"]["from"] == ["state[0:2]", "state[2:4]"]  # not proprio[1]: shared
+    assert t["proprio[1]"]["from_others"]["from"] == ["state[0:2]", "state[2:4]"]
+    assert t["state[0:2]"]["from_others"]["from"] == ["proprio[0:2]", "proprio[1]", "state[2:4]"]
+    for name in ("proprio[0:2]", "state[0:2]", "proprio[1]"):
+        assert t[name]["from_others"]["linear"]["r"] > 0.999, name
+    assert "From the others' true values (linear r)" in res["table"]
+    one = run_probe(untrained_ckpt, tworoom_data, targets=["proprio[0:2]"], mlp=False, max_rows=300,
+                    max_eval_rows=100, progress=False)
+    assert "from_others" not in one["targets"]["proprio[0:2]"] and "From the others" not in one["table"]
+
+
 def test_sincos_targets_probe_angles_without_the_wrap(tworoom_data, untrained_ckpt, monkeypatch):
     """An env target with the "sincos" transform is probed as (sin, cos) of each selected value (PushT's
     angle_sc, Reacher's joints_sc); an unknown transform is refused, naming it."""

@@ -29,6 +29,12 @@ rows); MLP = D -> 256 -> 256 -> dims (ReLU), Adam (lr 1e-3, batch 256), early st
 of 10% of the training episodes (patience 10 epochs, best weights kept). The table is printed as
 the paper's ("MSE / r") and written to probe.json with the per-dim numbers; probe_scatter.png plots
 predicted against true held-out values of the first target, for both probes.
+
+The confound floor ("from the others"): a target correlated with other probed quantities can look
+partly encoded when the latent holds only the others (PushT's agent stays near its block: the block's
+true pose alone predicts the agent's position at r ~0.7). So, when several targets are probed, each
+target is also regressed (the same ridge and MLP, same rows) from the true values of the targets that
+share none of its columns; a latent probe at or below that floor says nothing about the target itself.
 """
 from __future__ import annotations
 
@@ -259,6 +265,20 @@ def _read_targets(path, targets: list[Target], rows: np.ndarray) -> dict:
     return out
 
 
+def _overlaps(a: Target, b: Target, info) -> bool:
+    """Whether two targets read a common value (the same column, intersecting slices)."""
+    if a.column != b.column:
+        return False
+    shape = info.columns[a.column][0]
+    width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return bool(set(range(width)[a.sl]) & set(range(width)[b.sl]))
+
+
+def _zscore(y: np.ndarray, like: np.ndarray) -> np.ndarray:
+    m, s = like.mean(0), like.std(0)
+    return (y - m) / np.where(s > 1e-12, s, 1.0)
+
+
 # -- the whole evaluation ------------------------------------------------------------------------------
 def run_probe(checkpoint, data, env: str | None = None, targets: list[str] | None = None, out=None,
               device: str = "auto", mlp: bool = True, max_rows: int | None = 20000,
@@ -332,6 +352,18 @@ def run_probe(checkpoint, data, env: str | None = None, targets: list[str] | Non
             p_mlp = predict_mlp(net, X_eval, dev)
             res["mlp"] = metrics(p_mlp, Ye)
             res["mlp"].update(fit_info)
+        others = [u for u in tgts if not _overlaps(t, u, info)]
+        if others:  # the confound floor: this target from the other targets' true values (module docstring)
+            O = {k: np.concatenate([_zscore(Y[u.name], Y_fit_all[u.name]) for u in others], 1)
+                 for k, Y in (("fit", Y_fit_all), ("stop", Y_stop_all), ("eval", Y_eval_all)) if Y is not None}
+            floor = {"from": [u.name for u in others],
+                     "linear": metrics(predict_ridge(fit_ridge(O["fit"], Yf, ridge), O["eval"]), Ye)}
+            if mlp:
+                Os, Ys = (O["stop"], (Y_stop_all[t.name] - ym) / ys) if Y_stop_all is not None else (O["fit"], Yf)
+                onet, _ = fit_mlp(O["fit"], Yf, Os, Ys, hidden=hidden, layers=layers, max_epochs=max_epochs,
+                                  patience=patience, seed=seed, device=dev)
+                floor["mlp"] = metrics(predict_mlp(onet, O["eval"], dev), Ye)
+            res["from_others"] = floor
         results[t.name] = res
         if scatter is None:
             scatter = (t, y_eval, p_lin * ys + ym, None if p_mlp is None else p_mlp * ys + ym)
@@ -353,13 +385,18 @@ def run_probe(checkpoint, data, env: str | None = None, targets: list[str] | Non
 
 def format_table(results: dict, mlp: bool = True) -> str:
     """The paper's table: one row per target, 'MSE / r' for the linear and the MLP probe."""
-    head = ["Target", "Linear MSE / r"] + (["MLP MSE / r"] if mlp else []) + ["Mean baseline MSE"]
+    floor = any("from_others" in r for r in results.values())
+    head = (["Target", "Linear MSE / r"] + (["MLP MSE / r"] if mlp else []) + ["Mean baseline MSE"]
+            + ([f"From the others' true values ({'MLP' if mlp else 'linear'} r)"] if floor else []))
     rows = []
     for name, r in results.items():
         cells = [f"{name} ({r['slice']})", f"{r['linear']['mse']:.3f} / {r['linear']['r']:.3f}"]
         if mlp:
             cells.append(f"{r['mlp']['mse']:.3f} / {r['mlp']['r']:.3f}")
         cells.append(f"{r['mean_baseline']['mse']:.3f}")
+        if floor:
+            o = r.get("from_others")
+            cells.append(f"{o['mlp' if mlp else 'linear']['r']:.3f} ({', '.join(o['from'])})" if o else "-")
         rows.append(cells)
     w = [max(len(c[i]) for c in [head] + rows) for i in range(len(head))]
     line = lambda c: "| " + " | ".join(x.ljust(w[i]) for i, x in enumerate(c)) + " |"  # noqa: E731
