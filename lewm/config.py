@@ -260,6 +260,18 @@ class Config:
 
 
 
+def parse_key_value(s: str, flag: str) -> tuple[str, Any]:
+    """A command line's 'KEY=VALUE' -> (KEY, VALUE read as JSON: numbers, true/false, lists; else the
+    string as written). UserError naming `flag` when it has no '=' or no key."""
+    key, sep, val = str(s).partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"{flag} must look like KEY=VALUE, got {s!r}")
+    try:
+        return key.strip(), json.loads(val)
+    except json.JSONDecodeError:
+        return key.strip(), val
+
+
 def _merge(obj, d: dict, path: str):
     names = {f.name: f for f in fields(obj)}
     for k, v in d.items():

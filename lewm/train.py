@@ -15,6 +15,7 @@ run sees the same batches and directions as an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from . import cuda_graph
 from .checkpoint import CKPT_DIR, fault_point, find_latest, load_training, save_training, training_config
 from .distributed import init_distributed, shutdown
 from .errors import UserError
-from .config import Config, ConfigError, preset, preset_names
+from .config import Config, ConfigError, parse_key_value, preset, preset_names
 from .data.dataset import BatchSampler, ClipDataset, make_loader, split_episodes, steps_per_epoch
 from .model import LeWM
 from .nvtx import nvtx_range
@@ -457,9 +458,23 @@ def config_from_args(args) -> Config:
             o[sec][fld] = v
     if getattr(args, "no_amp", False):
         o["train"]["amp"] = False
+    sets = {}  # --set SECTION.FIELD=VALUE: any config field (an ablation without code)
+    for item in getattr(args, "set", None) or []:
+        key, val = parse_key_value(item, "--set")
+        sec, dot, fld = key.partition(".")
+        sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+        if not dot or not fld or "." in fld or sec not in sections:
+            raise UserError(f"--set {item}: the key must be SECTION.FIELD with a section of {', '.join(sections)} "
+                            "(e.g. model.pred_depth=6)")
+        if fld in o.get(sec, {}):
+            raise UserError(f"--set {key}: that field is also given by its own flag in this command; give it once")
+        o.setdefault(sec, {})[fld] = val
+        sets[key] = item
     try:
         return cfg.replace(**{k: v for k, v in o.items() if v})
     except ConfigError as e:
+        if e.field.removeprefix("config.") in sets:
+            raise UserError(f"--set {sets[e.field.removeprefix('config.')]}: {e}") from None
         raise UserError(flag_error(e, preset_name=args.preset)) from None
 
 
@@ -519,6 +534,9 @@ def add_parser(sub) -> None:
                         "refused when the flags change the run (steps, lr, model, ...)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: continue with the changed config (no longer the same run)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any config field (lewm/config.py), e.g. --set model.pred_depth=6 --set model.pred_dropout=0 "
+                        "(repeatable; range-checked like the preset's values)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
 

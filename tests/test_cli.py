@@ -44,6 +44,12 @@ def test_help_lists_every_subcommand_on_one_line(capsys):
     (["--preset", "pusht", "--image-size", "64"],
      "--image-size: model.image_size: 64 px is not divisible by model.patch_size 14"),
     (["--image-size", "36"], "--image-size: model.image_size: 36 px is not divisible by model.patch_size 8"),
+    (["--set", "model.pred_depth=0"], "--set model.pred_depth=0: model.pred_depth: must be a positive integer"),
+    (["--set", "model.pred_dropout=1.5"], "--set model.pred_dropout=1.5: model.pred_dropout: must be in [0, 1)"),
+    (["--set", "model.nope=1"], "--set model.nope=1: unknown config field"),
+    (["--set", "pred_depth=6"], "--set pred_depth=6: the key must be SECTION.FIELD"),
+    (["--set", "model.pred_depth"], "--set must look like KEY=VALUE"),
+    (["--lr", "1e-3", "--set", "train.lr=2e-3"], "--set train.lr: that field is also given by its own flag"),
 ])
 def test_out_of_range_flag_is_one_line_exit_2(tmp_path, capsys, flags, needle):
     # the data file is never opened: the config is checked first
@@ -54,6 +60,22 @@ def test_out_of_range_flag_is_one_line_exit_2(tmp_path, capsys, flags, needle):
     assert needle in err, err
     assert err.count("\n") == 1 and err.startswith("lewm train: error: "), err
     assert not (tmp_path / "run").exists()
+
+
+def test_set_reaches_any_config_field():
+    """`lewm train --set SECTION.FIELD=VALUE` (repeatable) sets any config field: JSON values (numbers,
+    true/false), other text as a string; beside the named flags."""
+    import argparse
+    from lewm.train import add_parser, config_from_args
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers())
+    args = ap.parse_args(["train", "--data", "d.h5", "--out", "r", "--preset", "pusht-cpu", "--lr", "3e-4",
+                          "--set", "model.pred_depth=6", "--set", "model.pred_dropout=0", "--set", "train.amp=false",
+                          "--set", "model.init=hf", "--set", "sigreg.num_proj=512"])
+    cfg = config_from_args(args)
+    assert (cfg.model.pred_depth, cfg.model.pred_dropout, cfg.train.amp, cfg.model.init, cfg.sigreg.num_proj,
+            cfg.train.lr) == (6, 0.0, False, "hf", 512, 3e-4)
+    assert lewm.preset("pusht-cpu").model.pred_depth == 3  # the preset itself is untouched
 
 
 def test_range_checks_live_in_the_config():

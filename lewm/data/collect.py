@@ -39,6 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..config import parse_key_value
 from ..errors import UserError, WorkerError
 from .format import H5Writer, episode_actions_with_nan_tail
 
@@ -285,13 +286,7 @@ def collect(env, episodes: int, out, image_size: int = 224, seed: int = 0, worke
 
 # -- CLI ---------------------------------------------------------------------------------------------
 def _parse_env_arg(s: str):
-    key, sep, val = s.partition("=")
-    if not sep or not key:
-        raise UserError(f"--env-arg must look like KEY=VALUE, got {s!r}")
-    try:
-        return key, json.loads(val)
-    except json.JSONDecodeError:
-        return key, val
+    return parse_key_value(s, "--env-arg")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
